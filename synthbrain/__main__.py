@@ -1,0 +1,3 @@
+from synthbrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""The MNI152 2009 template that nilearn ships (no download), on a SynthBrain grid.
+
+nilearn carries the ICBM 2009 nonlinear symmetric T1 (brain-extracted), grey- and white-matter
+probability maps and the brain mask at 1 mm. From them we derive, once per grid and process:
+
+- tissue fractions ``gm``, ``wm`` and ``csf`` (= brain mask - GM - WM, clipped), summing to <= 1;
+- ``ventricles``: the CSF fraction inside the lateral and third ventricles, found as the large
+  CSF components deep (> 15 mm) inside the brain near the midline;
+- ``ventricle_region``: where a ventricle measurement looks (the ventricles dilated by 12 mm,
+  kept > 8 mm away from the brain's surface and > 4 mm from other CSF, so that sulcal and
+  cisternal CSF does not count);
+- ``search_mask``: the brain mask dilated by 6 mm (where preprocessing looks for brain);
+- ``deep_gm`` / ``deep_wm``: large regions of nearly pure deep grey / white matter, whose median
+  intensities are robust references for measuring tissue in any image.
+
+All arrays are on the grid (RAS+), fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from synthbrain.grids import Grid, get_grid
+
+
+@dataclass(frozen=True, eq=False)
+class Template:
+    grid: Grid
+    t1: np.ndarray            # normalised T1 in [0, 1] (99.5th percentile of brain voxels = 1)
+    gm: np.ndarray            # grey-matter fraction
+    wm: np.ndarray            # white-matter fraction
+    csf: np.ndarray           # CSF fraction inside the brain mask (ventricles included)
+    brain: np.ndarray         # brain-mask fraction (GM + WM + CSF)
+    ventricles: np.ndarray    # CSF fraction inside the ventricles
+    ventricle_region: np.ndarray  # bool: where ventricles are measured
+    search_mask: np.ndarray   # bool: dilated brain mask
+    depth: np.ndarray         # mm from the brain-mask surface (0 outside)
+    deep_gm: np.ndarray       # bool: grey matter > 0.8, > 25 mm deep, > 12 mm from ventricles
+    deep_wm: np.ndarray       # bool: white matter > 0.95, > 15 mm deep (reference WM intensity)
+    tissue_intensity: tuple[float, float, float]  # median T1 of pure (> 0.9) CSF, GM, WM
+
+    @property
+    def centroid_mm(self) -> np.ndarray:
+        """Centre of mass of the brain mask, world mm (RAS)."""
+        com = np.array(ndi.center_of_mass(self.brain))
+        return self.grid.voxel_to_world(com[None])[0]
+
+    def volume_ml(self, fraction: np.ndarray) -> float:
+        return float(fraction.sum(dtype=np.float64) * self.grid.voxel_volume_ml)
+
+    @property
+    def brain_volume_ml(self) -> float:
+        """Grey + white matter, mL."""
+        return self.volume_ml(self.gm + self.wm)
+
+    @property
+    def ventricular_volume_ml(self) -> float:
+        return self.volume_ml(self.ventricles)
+
+    @property
+    def intracranial_volume_ml(self) -> float:
+        return self.volume_ml(self.brain)
+
+
+def _nilearn_images():
+    """(t1, gm, wm, mask) as nibabel images, from files inside the nilearn package."""
+    import nibabel as nib
+    from nilearn import datasets
+
+    return (nib.load(datasets.MNI152_FILE_PATH), nib.load(datasets.GM_MNI152_FILE_PATH),
+            nib.load(datasets.WM_MNI152_FILE_PATH), datasets.load_mni152_brain_mask(resolution=1))
+
+
+def _ventricle_seed(csf: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Lateral + third ventricles at 1 mm: CSF components > 2 mL, deep in the brain, near the midline."""
+    depth = ndi.distance_transform_edt(mask)
+    cand = (csf > 0.5) & (depth > 15)
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return np.zeros_like(cand)
+    idx = np.arange(1, n + 1)
+    sizes = ndi.sum(cand, lab, idx)
+    centres = np.array(ndi.center_of_mass(cand, lab, idx)).reshape(-1, 3)
+    world = centres @ affine[:3, :3].T + affine[:3, 3]
+    keep = idx[(sizes > 2000) & (np.abs(world[:, 0]) < 25) & (world[:, 2] > 0)]
+    return np.isin(lab, keep)
+
+
+@lru_cache(maxsize=2)
+def load_template(grid: Grid | str) -> Template:
+    """The template on ``grid`` (cached per process; about 2 s for the demo grid)."""
+    from synthbrain.data.preprocess import resample_to_grid
+
+    grid = get_grid(grid)
+    t1_img, gm_img, wm_img, mask_img = _nilearn_images()
+    affine = t1_img.affine
+    mask1 = np.asarray(mask_img.get_fdata() > 0)
+    gm1 = np.asarray(gm_img.get_fdata(), dtype=np.float32) / 255.0 * mask1
+    wm1 = np.asarray(wm_img.get_fdata(), dtype=np.float32) / 255.0 * mask1
+    tissue = gm1 + wm1
+    over = tissue > 1.0
+    gm1[over] /= tissue[over]
+    wm1[over] /= tissue[over]
+    csf1 = np.clip(mask1 - gm1 - wm1, 0.0, 1.0)
+    seed = _ventricle_seed(csf1, mask1, affine)
+    # the seed is CSF > 0.5; one voxel more catches the partial-volume rim
+    vent1 = csf1 * ndi.binary_dilation(seed, iterations=1)
+    t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
+    t1 /= float(np.percentile(t1[mask1], 99.5))
+
+    def on_grid(a: np.ndarray) -> np.ndarray:
+        return np.clip(resample_to_grid(a, affine, grid), 0.0, None)
+
+    gm, wm, csf, brain, vent = (on_grid(a) for a in (gm1, wm1, csf1, mask1.astype(np.float32), vent1))
+    t1g = np.clip(on_grid(t1), 0.0, 1.0)
+    brain = np.clip(brain, 0.0, 1.0)
+    inside = brain > 0.5
+    depth = ndi.distance_transform_edt(inside) * grid.spacing
+    dist_to_vent = ndi.distance_transform_edt(vent < 0.5) * grid.spacing
+    # sulcal and cisternal CSF (the interhemispheric fissure above all) must not count as ventricle
+    other_csf = ndi.distance_transform_edt((csf - vent) < 0.3) * grid.spacing
+    region = (dist_to_vent <= 12.0) & (depth > 8.0) & ((other_csf > 4.0) | (dist_to_vent == 0))
+    search = ndi.distance_transform_edt(~inside) * grid.spacing <= 6.0
+    pure = tuple(float(np.median(t1g[f > 0.9])) for f in (csf, gm, wm))
+    return Template(grid=grid, t1=t1g, gm=gm, wm=wm, csf=np.minimum(csf, brain), brain=brain,
+                    ventricles=np.minimum(vent, csf), ventricle_region=region, search_mask=search,
+                    depth=depth.astype(np.float32), deep_gm=(gm > 0.8) & (depth > 25.0) & (dist_to_vent > 12.0),
+                    deep_wm=(wm > 0.95) & (depth > 15.0), tissue_intensity=pure)

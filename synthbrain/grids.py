@@ -1,0 +1,83 @@
+"""The two grids every volume lives on: MNI152 2009 (nonlinear symmetric) space, RAS+.
+
+``full`` is the 1 mm grid of the UK Biobank / MONAI brain LDM (160 x 224 x 160); ``demo`` covers the
+same field of view at 2 mm (80 x 112 x 80), small enough to train and sample on a CPU. The field of
+view spans x -80.5..79.5, y -129.5..94.5, z -76.5..83.5 mm (voxel edges), which holds the whole
+MNI152 brain mask (x -72..72, y -107..73, z -72..82) with a margin. Full-grid voxel centres fall on
+whole millimetres, like the MNI152 template's, so a 1 mm template is resampled without blurring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from synthbrain.errors import ConfigError
+
+SPACE = "MNI152NLin2009aSym"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A named voxel grid in MNI space. ``origin`` is the world position (mm, RAS) of voxel (0, 0, 0)."""
+
+    name: str
+    shape: tuple[int, int, int]
+    spacing: float
+    origin: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise ConfigError(f"grid {self.name!r}: shape must be 3 sizes >= 8, got {self.shape}")
+        if not self.spacing > 0:
+            raise ConfigError(f"grid {self.name!r}: spacing must be > 0 mm, got {self.spacing}")
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Voxel index -> world mm (RAS+), 4 x 4."""
+        a = np.diag([self.spacing, self.spacing, self.spacing, 1.0])
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return self.spacing**3 / 1000.0
+
+    @property
+    def res_label(self) -> str:
+        """BIDS ``res-`` entity value: the spacing in whole mm (``1`` or ``2``)."""
+        return f"{self.spacing:g}"
+
+    def world_to_voxel(self, xyz: np.ndarray) -> np.ndarray:
+        """(N, 3) world mm -> (N, 3) continuous voxel indices."""
+        return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) / self.spacing
+
+    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices -> (N, 3) world mm."""
+        return np.asarray(ijk, dtype=float) * self.spacing + np.asarray(self.origin)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "spacing": self.spacing,
+                "origin": list(self.origin), "space": SPACE}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Grid:
+        return cls(name=d["name"], shape=tuple(d["shape"]), spacing=float(d["spacing"]),
+                   origin=tuple(float(v) for v in d["origin"]))
+
+
+FULL = Grid("full", (160, 224, 160), 1.0, (-80.0, -129.0, -76.0))
+# Same field of view at 2 mm: a demo voxel centre sits between two full voxel centres.
+DEMO = Grid("demo", (80, 112, 80), 2.0, (-79.5, -128.5, -75.5))
+GRIDS = {g.name: g for g in (DEMO, FULL)}
+
+
+def get_grid(name: str | Grid) -> Grid:
+    """Look a grid up by name (``demo`` or ``full``)."""
+    if isinstance(name, Grid):
+        return name
+    try:
+        return GRIDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown grid {name!r}; choose one of {sorted(GRIDS)}") from None

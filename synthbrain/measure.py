@@ -1,0 +1,116 @@
+"""Brain and ventricular volume (mL) of a T1 volume in MNI space, from the image alone.
+
+This is what checks whether a generated brain has the volumes that were asked for, so it runs on any
+volume, real or synthetic, without label maps:
+
+1. the volume is put on the nearest SynthBrain grid (1 mm -> ``full``, coarser -> ``demo``), and its
+   head mask is its foreground inside the dilated MNI152 brain mask;
+2. a three-class Gaussian mixture (scikit-learn) on the head-mask intensities gives the mean CSF, GM
+   and WM intensities; a slow multiplicative bias field is removed first by dividing by a heavily
+   smoothed white-matter intensity map;
+3. each voxel's CSF fraction comes from a two-compartment partial-volume model between the CSF and
+   GM means; brain volume = head mask minus CSF, ventricular volume = CSF inside the template's
+   ventricle region (scaled about the brain's centre by the head's size).
+
+Inputs must be brain-extracted and rigidly aligned to MNI152 2009 space (all SynthBrain data is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from synthbrain.errors import InvalidVolumeError
+from synthbrain.grids import DEMO, FULL, Grid
+from synthbrain.io import Volume
+
+MAX_SAMPLES = 200_000
+
+
+@dataclass(frozen=True)
+class Measurement:
+    brain_volume: float          # mL, grey + white matter
+    ventricular_volume: float    # mL, lateral + third ventricles
+    intracranial_volume: float   # mL, the head mask (brain + CSF)
+    csf_mean: float              # class means of the normalised, bias-corrected image
+    gm_mean: float
+    wm_mean: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def grid_for(volume: Volume) -> Grid:
+    """The grid a volume is measured on: full for <= 1.5 mm voxels, demo otherwise."""
+    return FULL if max(volume.spacing) <= 1.5 else DEMO
+
+
+def _csf_intensity(gm: float, wm: float, tmpl) -> float:
+    """Pure-CSF intensity, extrapolated from the GM and WM intensities with the template's contrast
+    as a power law (I = c * I_template ** gamma): at 2 mm almost no voxel is pure CSF, so it cannot be
+    read off the image the way the large deep GM and WM regions can."""
+    t_csf, t_gm, t_wm = tmpl.tissue_intensity
+    gamma = np.log(wm / gm) / np.log(t_wm / t_gm)
+    return float(wm * (t_csf / t_wm) ** gamma)
+
+
+def _bias_correct(data: np.ndarray, head: np.ndarray, gm: float, wm: float, iterations: int = 2) -> np.ndarray:
+    """Remove a slow multiplicative bias field: fit a degree-2 polynomial in (x, y, z) to the log
+    intensity of white-matter voxels (brighter than halfway between GM and WM), as SPM and FAST model
+    bias with smooth bases, and divide it out (normalised to 1 on average over the head)."""
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in data.shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    basis = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+    out = data
+    for _ in range(iterations):
+        wm_mask = head & (out > (gm + wm) / 2) & (out < wm * 1.3)
+        idx = np.nonzero(wm_mask)
+        if idx[0].size < 100:
+            break
+        a = np.stack([np.ones(idx[0].size, np.float32)] + [np.broadcast_to(b, data.shape)[idx] for b in basis], 1)
+        coef, *_ = np.linalg.lstsq(a, np.log(np.maximum(data[idx], 1e-6)), rcond=None)
+        log_field = sum(c * b for c, b in zip(coef[1:], basis))
+        log_field = log_field - log_field[head].mean()
+        out = data / np.exp(log_field)
+    return out
+
+
+def measure_volume(volume: Volume, grid: Grid | None = None) -> Measurement:
+    """Measure brain and ventricular volume (mL) of a brain-extracted T1 ``volume`` in MNI space."""
+    from synthbrain.data.preprocess import brain_mask, resample_to_grid, robust_scale
+    from synthbrain.data.template import load_template
+
+    grid = grid or grid_for(volume)
+    tmpl = load_template(grid)
+    data = resample_to_grid(volume.data, volume.affine, grid)
+    head = brain_mask(data, grid)
+    if head.sum() * grid.voxel_volume_ml < 200:
+        raise InvalidVolumeError(f"{volume.source or 'volume'}: less than 200 mL of brain found; "
+                                 "is it a brain-extracted T1 in MNI space?")
+    data = data / robust_scale(data, head)
+    icv = float(head.sum()) * grid.voxel_volume_ml
+
+    # template regions follow the head's size: scale them about the brain centre
+    scale = (icv / tmpl.intracranial_volume_ml) ** (1.0 / 3.0)
+    centre = grid.world_to_voxel(tmpl.centroid_mm[None])[0][:, None, None, None]
+    coords = centre + (np.indices(grid.shape, dtype=np.float32) - centre) / scale
+
+    def region(mask: np.ndarray) -> np.ndarray:
+        return head & (ndi.map_coordinates(mask.astype(np.float32), coords, order=1) > 0.5)
+
+    deep_wm, deep_gm = region(tmpl.deep_wm), region(tmpl.deep_gm)
+    if deep_wm.sum() < 50 or deep_gm.sum() < 50:
+        raise InvalidVolumeError(f"{volume.source or 'volume'}: deep white / grey matter not found; "
+                                 "is it a brain-extracted T1 in MNI space?")
+    data = _bias_correct(data, head, float(np.median(data[deep_gm])), float(np.median(data[deep_wm])))
+    wm_m, gm_m = float(np.median(data[deep_wm])), float(np.median(data[deep_gm]))
+    if not wm_m > gm_m * 1.02:
+        raise InvalidVolumeError(f"{volume.source or 'volume'}: no grey / white-matter contrast; is it a T1?")
+    csf_m = _csf_intensity(gm_m, wm_m, tmpl)
+    csf_frac = np.clip((gm_m - data) / (gm_m - csf_m), 0.0, 1.0) * head
+    brain = icv - float(csf_frac.sum(dtype=np.float64)) * grid.voxel_volume_ml
+    vent = float(csf_frac[region(tmpl.ventricle_region)].sum(dtype=np.float64)) * grid.voxel_volume_ml
+    return Measurement(brain_volume=brain, ventricular_volume=vent, intracranial_volume=icv,
+                       csf_mean=float(csf_m), gm_mean=float(gm_m), wm_mean=float(wm_m))
