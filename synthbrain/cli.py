@@ -118,6 +118,26 @@ def preprocess(
     typer.echo(f"preprocessed {len(ds)} subjects into {data / 'derivatives' / 'synthbrain'}")
 
 
+@train_app.command("autoencoder")
+def train_autoencoder_cmd(
+    data: Path = typer.Option(..., "--data", help="BIDS dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.csv, and the bundle in out/bundle"),
+    grid: str = GridOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON with train / model / loss sections"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+) -> None:
+    """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
+    from synthbrain.training.autoencoder import train_autoencoder
+
+    with progress("train autoencoder") as on_step:
+        bundle = train_autoencoder(data, out, grid=grid, steps=steps, resume=resume, config_file=config,
+                                   device=device, on_step=on_step, extra_conditions=condition)
+    typer.echo(f"bundle written to {bundle}")
+
+
 def main() -> int:
     """Entry point: our errors become one line on stderr and exit code 2 (click handles usage errors)."""
     try:

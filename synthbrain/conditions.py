@@ -215,8 +215,10 @@ class ConditionSchema:
             if c.kind == "continuous" and c.name in table:
                 vals = np.asarray([float(v) for v in table[c.name]], dtype=float)
                 span = float(vals.max() - vals.min()) or 1.0
-                low, high = float(vals.min() - margin * span), float(vals.max() + margin * span)
-                low, high = round(low, 1), round(high, 1)
+                # whole units outward, so sliders get round ends and every training value is inside
+                low = float(math.floor(vals.min() - margin * span))
+                high = float(math.ceil(vals.max() + margin * span))
+                high = high if high > low else low + 1.0
                 default = float(np.clip(round(float(np.median(vals)), 1), low, high))
                 c = replace(c, low=low, high=high, default=default)
             new.append(c)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -185,8 +185,13 @@ class BIDSDataset:
         h = hashlib.sha256()
         for s in self.subjects:
             h.update(json.dumps([s.label, s.row, s.t1w.stat().st_size], sort_keys=True).encode())
-        return {"root_name": self.root.name, "subjects": len(self), "grid": self.grid.name,
-                "sha256": h.hexdigest()}
+        desc_path = self.root / "dataset_description.json"
+        try:
+            desc = json.loads(desc_path.read_text()) if desc_path.is_file() else {}
+        except json.JSONDecodeError:
+            desc = {}
+        return {"name": desc.get("Name", self.root.name), "subjects": len(self), "grid": self.grid.name,
+                "phantom": "Phantom" in desc, "sha256": h.hexdigest()}
 
 
 def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int = 0,
@@ -201,3 +206,29 @@ def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int =
         raise DatasetError(f"{len(labels)} subjects are too few to hold {n_val} out for validation")
     val = set(keyed[:n_val])
     return [s for s in labels if s not in val], [s for s in labels if s in val]
+
+
+def schema_for_dataset(root: str | Path, extra_conditions: Sequence[str] = (),
+                       base: ConditionSchema = DEFAULT_SCHEMA) -> ConditionSchema:
+    """The condition schema a model trained on ``root`` gets: the default conditions (plus
+    ``extra_conditions`` columns), with continuous ranges set to what the participants span."""
+    rows = read_tsv(Path(root) / "participants.tsv")
+    table: dict[str, list[Any]] = {}
+    for row in rows:
+        sub = subject_label(row.get("participant_id", "?"))
+        for c in list(base.names) + list(extra_conditions):
+            raw = row.get(c)
+            if raw is None:
+                raise DatasetError(f"participants.tsv has no {c!r} column (needed for {sub})")
+            if raw.strip().lower() in MISSING:
+                raise DatasetError(f"{sub}: no value for {c!r} in participants.tsv")
+            table.setdefault(c, []).append(raw)
+    for c in base:
+        if c.kind == "continuous":
+            try:
+                [float(v) for v in table[c.name]]
+            except ValueError as e:
+                raise DatasetError(f"participants.tsv: column {c.name!r} must be numbers ({e})") from None
+    widened = ConditionSchema(tuple(
+        replace(c, low=-1e9, high=1e9) if c.kind == "continuous" else c for c in base))
+    return widened.with_extra_columns(table, extra_conditions).with_ranges_from(table)

@@ -1,0 +1,221 @@
+"""The model bundle: the unit of exchange between training, the CLI, the app and the tests.
+
+A folder::
+
+    config.json               format_version, synthbrain version, grid, intensity normalisation,
+                              condition schema, autoencoder / prior configs, latent scale factor,
+                              training data fingerprints, seeds, steps trained, sha256 of weights
+    autoencoder.safetensors   weights only (safetensors, the model config in its metadata)
+    prior.safetensors         (once stage 2 is trained)
+    metrics.json              what ``synthbrain evaluate`` measured
+    MODEL_CARD.md             data, commands, metrics, limits, intended use
+
+:func:`load_bundle` is the one way to read it; nothing is unpickled, and a bundle that is missing
+files, corrupt, truncated or does not match its config is refused with a ``BundleError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from synthbrain.conditions import ConditionSchema
+from synthbrain.errors import BundleError, SynthBrainError
+from synthbrain.grids import Grid
+
+FORMAT_VERSION = 1
+COMPONENTS = ("autoencoder", "prior")
+INTENSITY = {"method": "divide by the 99.5th percentile of brain voxels, clip to [0, 1]",
+             "range": [0.0, 1.0], "background": 0.0}
+
+
+def demo_bundle_path() -> Path:
+    """The demo bundle shipped inside the package (demo grid, trained on the phantom cohort)."""
+    return Path(str(resources.files("synthbrain") / "assets" / "demo"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle. ``autoencoder`` / ``prior`` are eval-mode torch modules (``prior`` may be None)."""
+
+    path: Path | None
+    config: dict
+    grid: Grid
+    schema: ConditionSchema
+    autoencoder: Any = None
+    prior: Any = None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or (self.path.name if self.path else "bundle")
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.config.get("prior", {}).get("latent_scale_factor", 1.0))
+
+    @property
+    def has_prior(self) -> bool:
+        return self.prior is not None
+
+    @property
+    def card(self) -> str:
+        p = self.path / "MODEL_CARD.md" if self.path else None
+        return p.read_text() if p and p.is_file() else ""
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: not a model bundle (no {path.name})")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BundleError(f"{path}: {what} must be a JSON object")
+    return d
+
+
+def read_config(path: str | Path) -> dict:
+    """A bundle's config.json, checked for format version and required keys (no weights loaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle folder not found")
+    cfg = _read_json(path / "config.json", "config.json")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format_version {version!r} is not supported (this synthbrain reads "
+                          f"{FORMAT_VERSION})")
+    for key in ("grid", "conditions", "autoencoder"):
+        if key not in cfg:
+            raise BundleError(f"{path}/config.json: missing {key!r}")
+    return cfg
+
+
+def _load_weights(path: Path, component: str, cfg: dict) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = path / f"{component}.safetensors"
+    if not f.is_file():
+        raise BundleError(f"{path}: {f.name} is missing")
+    expected = cfg[component].get("sha256")
+    if expected and sha256_file(f) != expected:
+        raise BundleError(f"{f}: checksum does not match config.json (corrupt or replaced file)")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{f}: cannot read weights ({e})") from None
+
+
+def _build(component: str, cfg: dict, state: dict, grid: Grid, schema: ConditionSchema, path: Path):
+    from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
+
+    try:
+        if component == "autoencoder":
+            model = Autoencoder(AutoencoderConfig.from_dict(cfg["autoencoder"]["config"]))
+        else:
+            from synthbrain.models.prior import Prior, PriorConfig
+
+            ae_cfg = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
+            model = Prior(PriorConfig.from_dict(cfg["prior"]["config"]), latent_shape=ae_cfg.latent_shape(grid.shape),
+                          condition_width=schema.width)
+        model.load_state_dict(state, strict=True)
+    except SynthBrainError as e:
+        raise BundleError(f"{path}: {component} config is invalid ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{path}/config.json: {component} entry is incomplete ({e})") from None
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise BundleError(f"{path}: {component}.safetensors does not match its config ({first})") from None
+    return model.eval()
+
+
+def load_bundle(path: str | Path | None = None, device: str = "cpu",
+                components: tuple[str, ...] = COMPONENTS) -> Bundle:
+    """Load a bundle (default: the shipped demo bundle) with its networks in eval mode on ``device``."""
+    path = Path(path) if path is not None else demo_bundle_path()
+    cfg = read_config(path)
+    try:
+        grid = Grid.from_dict(cfg["grid"])
+        schema = ConditionSchema.from_dict(cfg["conditions"])
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{path}/config.json: grid or conditions entry is incomplete ({e})") from None
+    except SynthBrainError as e:
+        raise BundleError(f"{path}/config.json: {e}") from None
+    bundle = Bundle(path=path, config=cfg, grid=grid, schema=schema)
+    for component in components:
+        if component not in cfg:
+            continue
+        state = _load_weights(path, component, cfg)
+        model = _build(component, cfg, state, grid, schema, path)
+        setattr(bundle, component, model.to(device))
+    if "autoencoder" in components and bundle.autoencoder is None:
+        raise BundleError(f"{path}: bundle has no autoencoder")
+    metrics_path = path / "metrics.json"
+    bundle.metrics = _read_json(metrics_path, "metrics.json") if metrics_path.is_file() else {}
+    return bundle
+
+
+def save_weights(path: Path, component: str, model, config: dict) -> str:
+    """Write ``<component>.safetensors`` (config in the metadata); returns its sha256."""
+    from safetensors.torch import save_file
+
+    from synthbrain.io import atomic_write
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / f".{component}.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "component": component, "config": json.dumps(config)})
+    atomic_write(path / f"{component}.safetensors", tmp.read_bytes())
+    tmp.unlink()
+    return sha256_file(path / f"{component}.safetensors")
+
+
+def write_config(path: Path, config: dict) -> None:
+    from synthbrain.io import atomic_write
+
+    atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
+
+
+def update_metrics(path: str | Path, section: str, values: dict) -> dict:
+    """Merge ``values`` into ``metrics.json`` under ``section`` (e.g. 'autoencoder', 'prior')."""
+    from synthbrain.io import atomic_write
+
+    path = Path(path)
+    p = path / "metrics.json"
+    metrics = _read_json(p, "metrics.json") if p.is_file() else {}
+    metrics[section] = values
+    atomic_write(p, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    """Copy a bundle folder (config, weights, metrics, card) to ``dst``."""
+    src, dst = Path(src), Path(dst)
+    read_config(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def new_config(grid: Grid, schema: ConditionSchema, name: str) -> dict:
+    from synthbrain import __version__
+
+    return {"format_version": FORMAT_VERSION, "synthbrain_version": __version__, "name": name,
+            "grid": grid.to_dict(), "intensity": INTENSITY, "conditions": schema.to_dict(),
+            "synthetic_output_note": "Volumes sampled from this model are synthetic: no real person."}

@@ -1,0 +1,187 @@
+"""Stage 1: the VQ-VAE autoencoder, a thin wrapper over MONAI's ``VQVAE``.
+
+A volume (B, 1, X, Y, Z) in [0, 1] is encoded to a latent grid 2**len(channels) times smaller per
+axis with ``embedding_dim`` channels, snapped to the nearest of ``num_embeddings`` codebook vectors
+(EMA codebook, MONAI's ``EMAQuantizer``) and decoded back. With the defaults the demo grid
+80 x 112 x 80 becomes a 4 x 10 x 14 x 10 latent: 0.78 % as many values as voxels, or 1,400 code
+indices of 9 bits each (0.11 % of the bits of a 16-bit volume).
+
+Dead codes (EMA usage below a threshold) are restarted from random encoder outputs of the current
+batch, as in Dhariwal et al. 2020 (Jukebox); MONAI's quantiser does not do it itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from synthbrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    channels: tuple[int, ...] = (32, 64, 128)     # per level; one stride-2 downsampling per level
+    num_res_layers: int = 1
+    num_res_channels: tuple[int, ...] = (32, 64, 128)
+    num_embeddings: int = 512                     # codebook size
+    embedding_dim: int = 4                        # latent channels
+    commitment_cost: float = 0.25
+    decay: float = 0.99                           # EMA decay of the codebook
+    dead_code_threshold: float = 0.01             # EMA uses per step below which a code is restarted
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "num_res_channels", tuple(int(c) for c in self.num_res_channels))
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"autoencoder channels must be positive, got {self.channels}")
+        if len(self.num_res_channels) != len(self.channels):
+            raise ConfigError("num_res_channels must have one entry per level (as many as channels)")
+        if self.num_embeddings < 2 or self.embedding_dim < 1:
+            raise ConfigError("num_embeddings must be >= 2 and embedding_dim >= 1")
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"decay must be in (0, 1), got {self.decay}")
+
+    @property
+    def downsampling(self) -> int:
+        """Factor by which each axis shrinks."""
+        return 2 ** len(self.channels)
+
+    def latent_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(C, x, y, z) of the latent of a volume of spatial ``shape``."""
+        f = self.downsampling
+        if any(s % f for s in shape):
+            raise ConfigError(f"volume shape {tuple(shape)} is not divisible by {f} (the autoencoder's downsampling)")
+        return (self.embedding_dim, *(s // f for s in shape))
+
+    def compression(self, shape: tuple[int, ...]) -> dict[str, float]:
+        """Latent size relative to the volume: values / voxels, and code bits / 16-bit voxel bits."""
+        c, *lat = self.latent_shape(shape)
+        voxels = math.prod(shape)
+        codes = math.prod(lat)
+        return {"latent_values_per_voxel": c * codes / voxels,
+                "latent_bits_per_volume_bits": codes * math.log2(self.num_embeddings) / (16 * voxels),
+                "latent_shape": [c, *lat]}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AutoencoderConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown autoencoder config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class Autoencoder(nn.Module):
+    """VQ-VAE over (B, 1, X, Y, Z) volumes; see the module docstring."""
+
+    def __init__(self, config: AutoencoderConfig = AutoencoderConfig(), spatial_dims: int = 3) -> None:
+        super().__init__()
+        from monai.networks.nets import VQVAE
+
+        self.config = config
+        levels = len(config.channels)
+        self.net = VQVAE(
+            spatial_dims=spatial_dims, in_channels=1, out_channels=1,
+            channels=config.channels, num_res_layers=config.num_res_layers,
+            num_res_channels=config.num_res_channels,
+            downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+            num_embeddings=config.num_embeddings, embedding_dim=config.embedding_dim,
+            commitment_cost=config.commitment_cost, decay=config.decay,
+            ddp_sync=True,
+        )
+
+    @property
+    def quantizer(self):
+        return self.net.quantizer.quantizer  # MONAI's EMAQuantizer
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> continuous latent (B, C, x, y, z), before quantisation."""
+        return self.net.encode(x)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continuous latent -> (quantised latent, commitment loss). Updates the EMA codebook in training."""
+        q, loss = self.net.quantize(z)
+        return q, loss
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """(Quantised) latent (B, C, x, y, z) -> volume (B, 1, X, Y, Z)."""
+        return self.net.decode(q)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (reconstruction, commitment loss, continuous latent)."""
+        z = self.encode(x)
+        q, loss = self.quantize(z)
+        return self.decode(q), loss, z
+
+    @torch.no_grad()
+    def encode_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """Volume -> quantised latent, without touching the codebook (eval-mode quantisation)."""
+        return self.quantize_eval(self.encode(x))
+
+    @torch.no_grad()
+    def quantize_eval(self, z: torch.Tensor) -> torch.Tensor:
+        """Snap a latent to the codebook without updating it (also in training mode)."""
+        q = self.quantizer
+        _, _, idx = q.quantize(z)
+        return q.embed(idx)
+
+    @torch.no_grad()
+    def code_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Volume -> (B, x, y, z) int64 codebook indices."""
+        _, _, idx = self.quantizer.quantize(self.encode(x))
+        return idx
+
+    @torch.no_grad()
+    def codebook_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        """Usage (share of codes used) and perplexity of a set of code indices."""
+        n = self.config.num_embeddings
+        counts = torch.bincount(indices.reshape(-1), minlength=n).double()
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p + 1e-12)).sum())
+        return {"codebook_usage": float((counts > 0).double().mean()), "perplexity": float(perplexity)}
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """Replace codes whose EMA usage fell below the threshold by random encoder outputs of ``z``.
+
+        Returns how many were restarted. Under DDP, rank 0's codebook is broadcast afterwards.
+        """
+        q = self.quantizer
+        dead = q.ema_cluster_size < self.config.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead:
+            flat = z.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
+            pick = torch.randint(flat.shape[0], (n_dead,), generator=generator, device=flat.device)
+            new = flat[pick]
+            q.embedding.weight.data[dead] = new
+            # restarted codes start with a usage of 1 so the EMA normalisation keeps them where we put them
+            q.ema_cluster_size.data[dead] = 1.0
+            n = q.ema_cluster_size.sum()
+            weights = (q.ema_cluster_size + q.epsilon) / (n + q.num_embeddings * q.epsilon) * n
+            q.ema_w.data[dead] = new * weights[dead, None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in (q.embedding.weight.data, q.ema_cluster_size.data, q.ema_w.data):
+                torch.distributed.broadcast(t, src=0)
+        return n_dead
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    """Offline-safe losses: no pretrained network is needed (none can be downloaded here)."""
+
+    l1: float = 1.0
+    spectral: float = 0.1        # MONAI JukeboxLoss: L1 between FFT magnitudes
+    ssim: float = 0.0            # MONAI SSIMLoss (1 - SSIM); ~10 s a step on 2 CPU cores at 2 mm, so off there
+    adversarial: float = 0.0     # MONAI PatchDiscriminator + least-squares PatchAdversarialLoss
+    adversarial_start: int = 2000  # step after which the adversarial term is switched on
+    discriminator_lr: float = 1e-4
+    discriminator_channels: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,219 @@
+"""Stage 1 training: the VQ-VAE on a BIDS dataset, exported as a model bundle."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from synthbrain.errors import ConfigError
+from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLossConfig
+from synthbrain.training.loop import (DistContext, TrainConfig, Trainer, dataclass_from_dict, distributed,
+                                      load_config_file, pick_device, unwrap)
+
+OnStep = Callable[[int, int, dict], None]
+RESTART_EVERY = 20  # steps between dead-code restarts
+VAL_DURING_TRAINING = 8  # held-out subjects validated during training (evaluate uses all)
+
+
+@dataclass(frozen=True)
+class AutoencoderTraining:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20000, batch_size=1, lr=3e-4,
+                                                                    warmup_steps=200, val_every=500,
+                                                                    ckpt_every=200))
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AutoencoderTraining:
+        unknown = set(d) - {"train", "model", "loss"}
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected train, model, loss")
+        base = cls()
+        train = dataclass_from_dict(TrainConfig, {**base.train.to_dict(), **d.get("train", {})}, "train")
+        model = dataclass_from_dict(AutoencoderConfig, {**base.model.to_dict(), **d.get("model", {})}, "model")
+        loss = dataclass_from_dict(AutoencoderLossConfig, {**base.loss.to_dict(), **d.get("loss", {})}, "loss")
+        return cls(train, model, loss)
+
+    def to_dict(self) -> dict:
+        return {"train": self.train.to_dict(), "model": self.model.to_dict(), "loss": self.loss.to_dict()}
+
+
+class AutoencoderStage:
+    """L1 + spectral (JukeboxLoss) + SSIM + commitment, and an optional patch-GAN after a warm-up."""
+
+    def __init__(self, model: Autoencoder, cfg: AutoencoderTraining, device: torch.device, dist: DistContext) -> None:
+        from monai.losses import JukeboxLoss, PatchAdversarialLoss, SSIMLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        self.cfg, self.device, self.dist = cfg, device, dist
+        self.model = model.to(device)
+        net = self.model
+        if dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = net
+        self.networks: dict[str, torch.nn.Module] = {"autoencoder": net}
+        t = cfg.train
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            "autoencoder": torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)}
+        self.l1 = torch.nn.L1Loss()
+        self.spectral = JukeboxLoss(spatial_dims=3)
+        self.ssim = SSIMLoss(spatial_dims=3, data_range=1.0)
+        self.disc = None
+        if cfg.loss.adversarial > 0:
+            d = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=cfg.loss.discriminator_channels,
+                                   in_channels=1, out_channels=1).to(device)
+            self.disc = torch.nn.parallel.DistributedDataParallel(d) if dist.enabled else d
+            self.networks["discriminator"] = self.disc
+            self.optimizers["discriminator"] = torch.optim.AdamW(d.parameters(), lr=cfg.loss.discriminator_lr)
+            self.adv = PatchAdversarialLoss(criterion="least_squares")
+        self.generator = torch.Generator().manual_seed(t.seed * 7919 + dist.rank)
+        self._last_z: torch.Tensor | None = None
+
+    def _adversarial_on(self, step: int) -> bool:
+        return self.disc is not None and step >= self.cfg.loss.adversarial_start
+
+    def train_step(self, batch: torch.Tensor, step: int, backward) -> dict[str, float]:
+        w = self.cfg.loss
+        x = batch.to(self.device, non_blocking=True)
+        recon, q_loss, z = self.net(x)
+        recon = recon.float()
+        l1 = self.l1(recon, x)
+        spec = self.spectral(recon, x)
+        loss = w.l1 * l1 + w.spectral * spec + q_loss
+        logs = {"l1": l1.item(), "spectral": spec.item(), "commitment": q_loss.item()}
+        if w.ssim > 0:
+            ssim = self.ssim(recon, x)
+            loss = loss + w.ssim * ssim
+            logs["ssim_loss"] = ssim.item()
+        if self._adversarial_on(step):
+            self.disc.requires_grad_(False)
+            g_adv = self.adv(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
+            loss = loss + w.adversarial * g_adv
+            logs["g_adv"] = g_adv.item()
+        backward(loss, "autoencoder")
+        if self._adversarial_on(step):
+            self.disc.requires_grad_(True)
+            d_loss = 0.5 * (self.adv(self.disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                            + self.adv(self.disc(x)[-1], target_is_real=True, for_discriminator=True))
+            backward(w.adversarial * d_loss, "discriminator")
+            logs["d_loss"] = d_loss.item()
+        logs["loss"] = loss.item()
+        logs["perplexity"] = float(unwrap(self.net).net.quantizer.perplexity)
+        self._last_z = z.detach()
+        return logs
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if (step + 1) % RESTART_EVERY or self._last_z is None:
+            return {}
+        return {"codes_restarted": float(self.model.restart_dead_codes(self._last_z, self.generator))}
+
+    def validate(self, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+        from synthbrain.metrics import reconstruction_metrics
+
+        rows, indices = [], []
+        for x in batches:
+            x = x.to(self.device)
+            recon = self.model.decode(self.model.quantize_eval(self.model.encode(x))).float()
+            rows.append(reconstruction_metrics(recon, x, ms_ssim=False))
+            indices.append(self.model.code_indices(x))
+        out = {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}
+        out.update(self.model.codebook_stats(torch.cat([i.reshape(-1) for i in indices])))
+        return out
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"generator": self.generator.get_state()}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.generator.set_state(tensors["generator"])
+
+
+def load_volumes(dataset, indices: Sequence[int]) -> torch.Tensor:
+    """Preprocessed volumes of ``indices`` as one (N, 1, X, Y, Z) float32 tensor in memory."""
+    return torch.stack([torch.from_numpy(dataset.volume(i)[None].copy()) for i in indices])
+
+
+def command_line() -> str:
+    return "synthbrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def resolve_config(run_dir: Path, resume: bool, config_file: Path | None, overrides: dict[str, Any],
+                   cls=AutoencoderTraining):
+    """The run's config: a resumed run keeps the one in run.json (only ``steps`` may grow)."""
+    saved = run_dir / "run.json"
+    if resume and saved.is_file():
+        cfg = cls.from_dict(json.loads(saved.read_text())["config"])
+        if config_file is not None:
+            raise ConfigError("--config cannot change a resumed run; it keeps the config in run.json")
+    else:
+        cfg = cls.from_dict(load_config_file(config_file))
+    train = replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(cfg, train=train)
+
+
+def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", steps: int | None = None,
+                      resume: bool = False, config_file: Path | None = None, device: str | None = None,
+                      on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
+    """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
+    from synthbrain.bundle import new_config, save_weights, update_metrics, write_config
+    from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
+    from synthbrain.io import atomic_write
+    from synthbrain.model_card import write_model_card
+
+    run_dir = Path(out)
+    dev = pick_device(device)
+    cfg = resolve_config(run_dir, resume, config_file, {"steps": steps})
+    with distributed(dev) as dist:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(dev)
+        torch.manual_seed(cfg.train.seed + dist.rank)
+        schema = schema_for_dataset(data, extra_conditions)
+        probe = BIDSDataset(data, grid=grid, schema=schema)
+        train_ids, val_ids = split_subjects(probe.labels, cfg.train.val_fraction, cfg.train.seed)
+        train_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=train_ids)
+        val_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=val_ids) if val_ids else None
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe.prepare()
+            atomic_write(run_dir / "run.json", json.dumps(
+                {"stage": "autoencoder", "command": command_line(), "data": str(Path(data).resolve()),
+                 "grid": grid, "config": cfg.to_dict(), "train_subjects": train_ids, "val_subjects": val_ids,
+                 "world_size": dist.world_size}, indent=2) + "\n")
+        dist.barrier()
+        train_vols = load_volumes(train_ds, range(len(train_ds)))
+        val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
+        model = Autoencoder(cfg.model)
+        try:
+            cfg.model.latent_shape(train_ds.grid.shape)
+        except ConfigError as e:
+            raise ConfigError(f"grid {grid}: {e}") from None
+        stage = AutoencoderStage(model, cfg, dev, dist)
+        trainer = Trainer(stage, lambda idx: train_vols[idx], len(train_vols),
+                          [v[None] for v in val_vols[:VAL_DURING_TRAINING]], cfg.train, run_dir, dev, dist, on_step)
+        val = trainer.fit(resume=resume)
+        bundle_dir = run_dir / "bundle"
+        if dist.is_main:
+            bundle_dir.mkdir(parents=True, exist_ok=True)
+            config = new_config(train_ds.grid, schema, name=f"synthbrain-{grid}")
+            config["autoencoder"] = {
+                "config": cfg.model.to_dict(), "loss": cfg.loss.to_dict(), "train": cfg.train.to_dict(),
+                "steps_trained": trainer.step, "seed": cfg.train.seed, "command": command_line(),
+                "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
+                "compression": cfg.model.compression(train_ds.grid.shape),
+            }
+            config["autoencoder"]["sha256"] = save_weights(bundle_dir, "autoencoder", model,
+                                                           cfg.model.to_dict())
+            write_config(bundle_dir, config)
+            if val:
+                update_metrics(bundle_dir, "autoencoder_training_validation", {**val, "step": trainer.step})
+            write_model_card(bundle_dir)
+        dist.barrier()
+    return bundle_dir
+

@@ -1,0 +1,200 @@
+"""Shared fixtures. Sections: NIfTI files written to a temp dir (good and bad), phantom cohorts.
+
+Session-scoped fixtures are shared by every test that asks for them, so they must be treated as
+read-only: a test that changes a dataset (or constructs a ``BIDSDataset``, which writes its cache
+into the dataset) takes ``cohort_copy`` instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+# ------------------------------------------------------------------------------------ NIfTI files
+
+SHAPE = (12, 10, 9)
+AFFINE = np.array([[2.0, 0, 0, -12], [0, 2, 0, -10], [0, 0, 2.5, -9], [0, 0, 0, 1]])
+
+
+def random_data(shape=SHAPE, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    """A NIfTI file as any other tool would write it (nibabel, no checks of ours)."""
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def crafted_nifti(path: Path, shape, *, dtype=np.float32, payload: bytes | None = None,
+                  affine: np.ndarray = AFFINE, slope=None, inter=0.0) -> Path:
+    """A single-file NIfTI-1 built byte by byte (header, extension flag, then ``payload``), for
+    defects nibabel would refuse to write."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_sform(affine, code=4)  # sform only: no qform decomposition, so any matrix goes in
+    hdr["vox_offset"] = 352
+    if slope is not None:
+        hdr["scl_slope"], hdr["scl_inter"] = slope, inter
+    raw = hdr.binaryblock + b"\0" * 4 + (payload if payload is not None else b"")
+    path.write_bytes(gzip.compress(raw, compresslevel=1) if str(path).endswith(".gz") else raw)
+    return path
+
+
+def _raw(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _truncated_gz(p: Path) -> Path:
+    full = save_nifti(p / "cut.nii.gz", random_data())
+    raw = full.read_bytes()
+    full.write_bytes(raw[: len(raw) // 2])
+    return full
+
+
+def _truncated_nii(p: Path) -> Path:
+    full = save_nifti(p / "cut.nii", random_data())
+    full.write_bytes(full.read_bytes()[:-100])
+    return full
+
+
+def _gzip_bomb(p: Path, forged_trailer: bool = False) -> Path:
+    # A header declaring 8 x 8 x 8 uint8 (864 bytes) followed by 50 MB of zeros.
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((8, 8, 8))
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 352
+    packed = bytearray(gzip.compress(hdr.binaryblock + bytes(4 + 50_000_000), compresslevel=1))
+    if forged_trailer:  # the trailer agrees with the header, so only the capped stream can tell
+        packed[-4:] = (352 + 512).to_bytes(4, "little")
+    path = p / "bomb.nii.gz"
+    path.write_bytes(bytes(packed))
+    return path
+
+
+# case -> (builder(folder) -> path, a fragment the error message must contain)
+BAD_NIFTI = {
+    "truncated .nii.gz": (_truncated_gz, "truncated"),
+    "truncated .nii": (_truncated_nii, "truncated"),
+    "4D with 5 volumes": (lambda p: save_nifti(p / "dwi.nii.gz", np.zeros((*SHAPE, 5), np.float32)), "5 volumes"),
+    "2D": (lambda p: save_nifti(p / "slice.nii.gz", np.zeros((16, 16), np.float32)), "2D"),
+    "NaN voxels": (lambda p: save_nifti(p / "nan.nii.gz", np.where(np.arange(np.prod(SHAPE)).reshape(SHAPE) < 3,
+                                                                   np.nan, 1.0).astype(np.float32)), "3 of"),
+    "1024^3 declared, tiny file": (lambda p: crafted_nifti(p / "huge.nii.gz", (1024, 1024, 1024)), "GiB"),
+    "1024^3 declared, tiny .nii": (lambda p: crafted_nifti(p / "huge.nii", (1024, 1024, 1024)), "GiB"),
+    # Under the size limit, so only the gzip trailer / file size shows the data are missing.
+    "512^3 declared, tiny file": (lambda p: crafted_nifti(p / "big.nii.gz", (512, 512, 512)), "gzip trailer"),
+    "512^3 declared, tiny .nii": (lambda p: crafted_nifti(p / "big.nii", (512, 512, 512)), "truncated"),
+    "dimension 2000": (lambda p: crafted_nifti(p / "wide.nii.gz", (2000, 16, 16)), "8..1024"),
+    "dimension 4": (lambda p: crafted_nifti(p / "small.nii.gz", (4, 16, 16)), "8..1024"),
+    "zero-size file": (lambda p: _raw(p / "empty.nii.gz", b""), "empty"),
+    "singular affine": (lambda p: crafted_nifti(p / "singular.nii.gz", SHAPE, affine=np.array(
+        [[1.0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]])), "singular"),
+    "sheared affine": (lambda p: crafted_nifti(p / "shear.nii.gz", SHAPE, affine=np.array(
+        [[1.0, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])), "sheared"),
+    "voxel size 0": (lambda p: crafted_nifti(p / "flat.nii.gz", SHAPE, affine=np.diag([0.0, 1, 1, 1])),
+                     "voxel size"),
+    "voxel size 20 mm": (lambda p: crafted_nifti(p / "coarse.nii.gz", SHAPE, affine=np.diag([20.0, 1, 1, 1])),
+                         "voxel size"),
+    "NaN affine": (lambda p: crafted_nifti(p / "nanaff.nii.gz", SHAPE, affine=np.diag([np.nan, 1, 1, 1])),
+                   "NaN or infinite"),
+    "text named .nii.gz": (lambda p: _raw(p / "notes.nii.gz", b"hello\n" * 100), "not gzip"),
+    "text named .nii": (lambda p: _raw(p / "notes.nii", b"hello\n" * 100), "not a NIfTI"),
+    "gzipped text": (lambda p: _raw(p / "zipped.nii.gz", gzip.compress(b"hello\n" * 100)), "not a NIfTI"),
+    "complex data": (lambda p: save_nifti(p / "complex.nii.gz", np.zeros(SHAPE, np.complex64)), "unsupported data"),
+    "gzip bomb": (_gzip_bomb, "gzip trailer"),
+    "gzip bomb, forged trailer": (lambda p: _gzip_bomb(p, forged_trailer=True), "more than"),
+    "wrong extension": (lambda p: save_nifti(p / "brain.img", random_data()), ".nii or .nii.gz"),
+}
+
+
+@dataclass(frozen=True)
+class BadNifti:
+    case: str
+    path: Path
+    expected: str  # a fragment of the error message
+
+
+@pytest.fixture(params=list(BAD_NIFTI), ids=list(BAD_NIFTI))
+def bad_nifti(request, tmp_path) -> BadNifti:
+    """One malformed file per case of ``BAD_NIFTI``, written into a fresh folder of its own.
+
+    Restrict it to some cases with ``@pytest.mark.parametrize("bad_nifti", [...], indirect=True)``.
+    """
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    build, expected = BAD_NIFTI[request.param]
+    return BadNifti(request.param, build(folder), expected)
+
+
+@pytest.fixture
+def nifti() -> SimpleNamespace:
+    """The file helpers above, for tests that write their own small NIfTI files."""
+    return SimpleNamespace(random=random_data, save=save_nifti, crafted=crafted_nifti)
+
+
+# ----------------------------------------------------------------------------------- phantom cohorts
+
+
+@dataclass(frozen=True)
+class PhantomCohort:
+    """A BIDS phantom cohort written by ``generate_cohort(root, n, grid, seed)``."""
+
+    root: Path
+    n: int
+    seed: int
+    grid: str
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"sub-{i + 1:04d}" for i in range(self.n)]
+
+    def t1w(self, label: str) -> Path:
+        return self.root / label / "anat" / f"{label}_T1w.nii.gz"
+
+    def dseg(self, label: str) -> Path:
+        from synthbrain.grids import SPACE, get_grid
+
+        res = get_grid(self.grid).res_label
+        return self.root / "derivatives" / "phantom" / label / "anat" / f"{label}_space-{SPACE}_res-{res}_dseg.nii.gz"
+
+    def participants(self) -> list[dict[str, str]]:
+        from synthbrain.data.bids import read_tsv
+
+        return read_tsv(self.root / "participants.tsv")
+
+
+def _generate(tmp_path_factory, name: str, n: int, seed: int, grid: str = "demo") -> PhantomCohort:
+    from synthbrain.data.cohort import generate_cohort
+
+    root = generate_cohort(tmp_path_factory.mktemp(name), n=n, grid=grid, seed=seed)
+    return PhantomCohort(root, n, seed, grid)
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory) -> PhantomCohort:
+    """6 phantom subjects on the demo grid (seed 3): about 25 s once per session. Read-only."""
+    return _generate(tmp_path_factory, "phantom_cohort", n=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def large_phantom_cohort(tmp_path_factory) -> PhantomCohort:
+    """20 phantom subjects on the demo grid (seed 11), ages spread over 40..90: about 35 s more.
+    For ``slow`` tests only. Read-only."""
+    return _generate(tmp_path_factory, "large_phantom_cohort", n=20, seed=11)
+
+
+@pytest.fixture
+def cohort_copy(phantom_cohort, tmp_path) -> PhantomCohort:
+    """A private copy of ``phantom_cohort`` that a test may change (file times are kept)."""
+    root = shutil.copytree(phantom_cohort.root, tmp_path / "cohort")
+    return PhantomCohort(root, phantom_cohort.n, phantom_cohort.seed, phantom_cohort.grid)
