@@ -68,6 +68,13 @@ class Bundle:
         return float(self.config.get("prior", {}).get("latent_scale_factor", 1.0))
 
     @property
+    def population(self):
+        """Age- and sex-typical volumes of the prior's training data (see synthbrain.population)."""
+        from synthbrain.population import PopulationModel
+
+        return PopulationModel.from_dict(self.config.get("population"))
+
+    @property
     def has_prior(self) -> bool:
         return self.prior is not None
 

@@ -85,11 +85,11 @@ def measure_volume(volume: Volume, grid: Grid | None = None) -> Measurement:
     grid = grid or grid_for(volume)
     tmpl = load_template(grid)
     data = resample_to_grid(volume.data, volume.affine, grid)
-    head = brain_mask(data, grid)
+    head = brain_mask(data, grid, source=volume.source)
     if head.sum() * grid.voxel_volume_ml < 200:
         raise InvalidVolumeError(f"{volume.source or 'volume'}: less than 200 mL of brain found; "
                                  "is it a brain-extracted T1 in MNI space?")
-    data = data / robust_scale(data, head)
+    data = data / robust_scale(data, head, source=volume.source)
     icv = float(head.sum()) * grid.voxel_volume_ml
 
     # template regions follow the head's size: scale them about the brain centre

@@ -61,26 +61,30 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid | str, *, 
     return out.astype(np.float32, copy=False)
 
 
-def robust_scale(data: np.ndarray, mask: np.ndarray) -> float:
-    """The 99.5th percentile of ``data`` inside ``mask`` (the normalisation divisor)."""
+def robust_scale(data: np.ndarray, mask: np.ndarray, *, source: str | None = None) -> float:
+    """The 99.5th percentile of ``data`` inside ``mask`` (the normalisation divisor); errors name
+    ``source`` (the file the data came from)."""
     vals = data[mask]
     if vals.size == 0:
-        raise InvalidVolumeError("no brain voxels to normalise (the image is empty inside the MNI brain mask)")
+        raise InvalidVolumeError(f"{source or 'volume'}: no brain voxels to normalise "
+                                 "(the image is empty inside the MNI brain mask)")
     scale = float(np.percentile(vals, PERCENTILE))
     if not scale > 0:
-        raise InvalidVolumeError("brain voxels are all <= 0: cannot normalise intensities")
+        raise InvalidVolumeError(f"{source or 'volume'}: brain voxels are all <= 0: cannot normalise intensities")
     return scale
 
 
-def brain_mask(data: np.ndarray, grid: Grid | str) -> np.ndarray:
-    """Foreground of ``data`` (already on ``grid``) inside the dilated MNI152 brain mask."""
+def brain_mask(data: np.ndarray, grid: Grid | str, *, source: str | None = None) -> np.ndarray:
+    """Foreground of ``data`` (already on ``grid``) inside the dilated MNI152 brain mask; errors name
+    ``source`` (the file the data came from)."""
     from synthbrain.data.template import load_template
 
     tmpl = load_template(grid)
     region = tmpl.search_mask
     inside = data[region]
     if inside.size == 0 or not np.any(inside > 0):
-        raise InvalidVolumeError("the image is empty inside the MNI brain region: is it aligned to MNI space?")
+        raise InvalidVolumeError(f"{source or 'volume'}: the image is empty inside the MNI brain region: "
+                                 "is it aligned to MNI space?")
     threshold = BACKGROUND_FRACTION * float(np.percentile(inside[inside > 0], PERCENTILE))
     return region & (data > threshold)
 
@@ -92,8 +96,8 @@ def preprocess(volume: Volume, grid: Grid | str) -> tuple[Volume, PreprocessInfo
     """
     grid = get_grid(grid)
     data = resample_to_grid(volume.data, volume.affine, grid)
-    mask = brain_mask(data, grid)
-    scale = robust_scale(data, mask)
+    mask = brain_mask(data, grid, source=volume.source)
+    scale = robust_scale(data, mask, source=volume.source)
     out = np.where(mask, np.clip(data / scale, 0.0, 1.0), 0.0).astype(np.float32)
     info = PreprocessInfo(grid=grid.name, intensity_scale=scale, brain_voxels=int(mask.sum()))
     return Volume(out, grid.affine, source=volume.source), info

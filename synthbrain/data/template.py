@@ -90,12 +90,16 @@ def _ventricle_seed(csf: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np
     return np.isin(lab, keep)
 
 
-@lru_cache(maxsize=2)
 def load_template(grid: Grid | str) -> Template:
     """The template on ``grid`` (cached per process; about 2 s for the demo grid)."""
+    # cache by the Grid, so that "demo" and DEMO share one entry
+    return _load_template(get_grid(grid))
+
+
+@lru_cache(maxsize=2)
+def _load_template(grid: Grid) -> Template:
     from synthbrain.data.preprocess import resample_to_grid
 
-    grid = get_grid(grid)
     t1_img, gm_img, wm_img, mask_img = _nilearn_images()
     affine = t1_img.affine
     mask1 = np.asarray(mask_img.get_fdata() > 0)

@@ -1,0 +1,130 @@
+"""Stage 2: the conditional latent prior, MONAI's ``DiffusionModelUNet`` with MONAI schedulers.
+
+The prior denoises VQ-VAE latents (C, x, y, z), multiplied by a scale factor that gives them unit
+variance (computed once from the training latents and saved in the bundle). As in the MONAI brain
+LDM, the condition vector enters twice: as extra input channels (broadcast over the latent grid) and
+as the cross-attention context (B, 1, W). During training it is replaced by ``NULL_VALUE`` (-1, the
+fill value MONAI's ``DiffusionInferer`` uses) with probability ``condition_dropout``, so the same
+network also predicts unconditionally and classifier-free guidance works at sampling.
+
+The latent is zero-padded to a multiple of the UNet's downsampling (10 x 14 x 10 -> 12 x 16 x 12 on
+the demo grid) and cropped back after denoising, as ``LatentDiffusionInferer`` does with
+``ldm_latent_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from synthbrain.conditions import NULL_VALUE
+from synthbrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    channels: tuple[int, ...] = (64, 128, 256)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 2
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"     # as the MONAI brain LDM
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "v_prediction"    # v keeps few-step DDIM sampling stable
+    condition_dropout: float = 0.15
+    default_steps: int = 10                  # sampling steps when none are asked for
+    default_guidance: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        if len(self.channels) != len(self.attention_levels):
+            raise ConfigError("prior attention_levels needs one entry per channels level")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ConfigError(f"prior channels {self.channels} must be multiples of norm_num_groups "
+                              f"({self.norm_num_groups})")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ConfigError("condition_dropout must be in [0, 1)")
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def padded_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        f = self.downsampling
+        return tuple(int(math.ceil(s / f) * f) for s in spatial)
+
+    def scheduler_kwargs(self) -> dict:
+        return {"num_train_timesteps": self.num_train_timesteps, "schedule": self.schedule,
+                "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction_type}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PriorConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown prior config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class Prior(nn.Module):
+    """Conditional denoiser over padded latents: ``forward(x, timesteps, context)`` as MONAI's
+    inferers call a diffusion model (``context`` is (B, 1, W), NULL_VALUE meaning unconditional)."""
+
+    def __init__(self, config: PriorConfig, latent_shape: tuple[int, ...], condition_width: int) -> None:
+        super().__init__()
+        from monai.networks.nets import DiffusionModelUNet
+
+        self.config = config
+        self.latent_shape = tuple(latent_shape)          # (C, x, y, z) of the autoencoder
+        self.condition_width = condition_width
+        c = latent_shape[0]
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=c + condition_width, out_channels=c,
+            channels=config.channels, attention_levels=config.attention_levels,
+            num_res_blocks=config.num_res_blocks, num_head_channels=config.num_head_channels,
+            norm_num_groups=config.norm_num_groups, with_conditioning=True,
+            cross_attention_dim=condition_width,
+        )
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return (self.latent_shape[0], *self.config.padded_shape(self.latent_shape[1:]))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x (B, C, X, Y, Z) padded latent; context (B, 1, W)
+        cond = context[:, 0, :, None, None, None].expand(-1, -1, *x.shape[2:]).to(x.dtype)
+        return self.unet(torch.cat([x, cond], dim=1), timesteps=timesteps, context=context.to(x.dtype))
+
+    def pad(self, z: torch.Tensor) -> torch.Tensor:
+        """Zero-pad a latent (B, C, x, y, z) to the UNet's shape (symmetrically, like MONAI's SpatialPad)."""
+        pads = []
+        for s, p in zip(reversed(z.shape[2:]), reversed(self.padded_shape[1:])):
+            before = (p - s) // 2
+            pads += [before, p - s - before]
+        return nn.functional.pad(z, pads)
+
+    def crop(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pad` (a centre crop, like MONAI's CenterSpatialCrop)."""
+        sl = [slice(None), slice(None)]
+        for s, p in zip(self.latent_shape[1:], z.shape[2:]):
+            before = (p - s) // 2
+            sl.append(slice(before, before + s))
+        return z[tuple(sl)]
+
+    @staticmethod
+    def drop_conditions(context: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Replace each sample's condition vector by NULL_VALUE with probability ``p`` (for CFG)."""
+        if p <= 0:
+            return context
+        drop = torch.rand(context.shape[0], generator=generator, device="cpu").to(context.device) < p
+        return torch.where(drop[:, None, None], torch.full_like(context, NULL_VALUE), context)

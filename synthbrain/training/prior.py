@@ -1,0 +1,200 @@
+"""Stage 2 training: the conditional latent diffusion prior on cached VQ-VAE latents.
+
+The training set is encoded once with the bundle's frozen autoencoder (quantised latents, cached in
+the run folder as ``latents.safetensors``); the latent scale factor (1 / standard deviation of the
+training latents) is computed from them once and saved in the bundle. The exported prior is the
+exponential moving average of the weights (``torch.optim.swa_utils``), as is usual for diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from synthbrain.errors import ConfigError
+from synthbrain.models.prior import Prior, PriorConfig
+from synthbrain.training.autoencoder import command_line, resolve_config
+from synthbrain.training.loop import (DistContext, TrainConfig, Trainer, dataclass_from_dict, distributed,
+                                      pick_device, unwrap)
+
+OnStep = Callable[[int, int, dict], None]
+
+
+@dataclass(frozen=True)
+class PriorTraining:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=20000, batch_size=16, lr=2e-4, warmup_steps=500, val_every=500, ckpt_every=500, log_every=25,
+        grad_clip=1.0, val_fraction=0.1))
+    model: PriorConfig = field(default_factory=PriorConfig)
+    ema_decay: float = 0.999
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PriorTraining:
+        unknown = set(d) - {"train", "model", "ema_decay"}
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected train, model, ema_decay")
+        base = cls()
+        train = dataclass_from_dict(TrainConfig, {**base.train.to_dict(), **d.get("train", {})}, "train")
+        model = dataclass_from_dict(PriorConfig, {**base.model.to_dict(), **d.get("model", {})}, "model")
+        return cls(train, model, float(d.get("ema_decay", base.ema_decay)))
+
+    def to_dict(self) -> dict:
+        return {"train": self.train.to_dict(), "model": self.model.to_dict(), "ema_decay": self.ema_decay}
+
+
+class PriorStage:
+    def __init__(self, prior: Prior, cfg: PriorTraining, scale: float, device: torch.device,
+                 dist: DistContext) -> None:
+        from monai.networks.schedulers import DDPMScheduler
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.cfg, self.scale, self.device = cfg, scale, device
+        self.prior = prior.to(device)
+        net = self.prior
+        if dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = net
+        self.ema = AveragedModel(self.prior, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.networks = {"prior": net, "prior_ema": self.ema}
+        self.optimizers = {"prior": torch.optim.AdamW(prior.parameters(), lr=cfg.train.lr,
+                                                      weight_decay=cfg.train.weight_decay)}
+        self.scheduler = DDPMScheduler(**cfg.model.scheduler_kwargs())
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + dist.rank)
+
+    def _loss(self, latents: torch.Tensor, context: torch.Tensor, net, generator: torch.Generator,
+              drop: float) -> torch.Tensor:
+        x0 = self.prior.pad(latents.to(self.device) * self.scale)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), generator=generator).to(self.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        ctx = Prior.drop_conditions(context.to(self.device)[:, None, :], drop, generator)
+        pred = net(noisy, t, ctx).float()
+        kind = self.cfg.model.prediction_type
+        target = {"epsilon": noise, "sample": x0}.get(kind)
+        if target is None:
+            target = self.scheduler.get_velocity(x0, noise, t)
+        return torch.nn.functional.mse_loss(pred, target)
+
+    def train_step(self, batch, step: int, backward) -> dict[str, float]:
+        latents, context = batch
+        loss = self._loss(latents, context, self.net, self.generator, self.cfg.model.condition_dropout)
+        backward(loss, "prior")
+        return {"loss": loss.item()}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        self.ema.update_parameters(self.prior)
+        return {}
+
+    def validate(self, batches: Sequence) -> dict[str, float]:
+        g = torch.Generator().manual_seed(12345)  # the same noise every validation, and none of the training RNG
+        losses = [self._loss(lat, ctx, self.ema.module, g, 0.0).item() for lat, ctx in batches]
+        return {"loss": sum(losses) / len(losses)}
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"generator": self.generator.get_state()}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.generator.set_state(tensors["generator"])
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder, dataset, device: torch.device, on_step: OnStep | None = None) -> torch.Tensor:
+    """Quantised latents (N, C, x, y, z) of every subject of a dataset."""
+    out = []
+    for i in range(len(dataset)):
+        x = torch.from_numpy(dataset.volume(i)[None, None].copy()).to(device)
+        out.append(autoencoder.encode_quantized(x).cpu())
+        if on_step is not None:
+            on_step(i + 1, len(dataset), {"encode": dataset.subjects[i].label})
+    return torch.cat(out)
+
+
+def cached_latents(run_dir: Path, autoencoder, dataset, device, sha: str, on_step=None) -> torch.Tensor:
+    """Latents of ``dataset``, from ``run_dir/latents.safetensors`` when it was made by the same
+    autoencoder (``sha``) from the same subjects."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "latents.safetensors"
+    key = json.dumps({"autoencoder_sha256": sha, "subjects": dataset.labels, "data": dataset.fingerprint()},
+                     sort_keys=True)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return load_file(str(path))["latents"]
+    latents = encode_dataset(autoencoder, dataset, device, on_step)
+    tmp = path.with_name(".latents.tmp")
+    save_file({"latents": latents.contiguous()}, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return latents
+
+
+def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: int | None = None,
+                resume: bool = False, config_file: Path | None = None, device: str | None = None,
+                on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
+    """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
+    from synthbrain.bundle import copy_bundle, load_bundle, read_config, save_weights, update_metrics, write_config
+    from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
+    from synthbrain.io import atomic_write
+    from synthbrain.model_card import write_model_card
+    from synthbrain.population import PopulationModel
+
+    run_dir = Path(out)
+    dev = pick_device(device)
+    cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls=PriorTraining)
+    with distributed(dev) as dist:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(dev)
+        torch.manual_seed(cfg.train.seed + dist.rank)
+        src = load_bundle(bundle, device=str(dev), components=("autoencoder",))
+        schema = schema_for_dataset(data, extra_conditions)
+        full = BIDSDataset(data, grid=src.grid, schema=schema)
+        train_ids, val_ids = split_subjects(full.labels, cfg.train.val_fraction, cfg.train.seed)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / "run.json", json.dumps(
+                {"stage": "prior", "command": command_line(), "bundle": str(Path(bundle).resolve()),
+                 "data": str(Path(data).resolve()), "config": cfg.to_dict(), "train_subjects": train_ids,
+                 "val_subjects": val_ids, "world_size": dist.world_size}, indent=2) + "\n")
+            full.prepare()
+            cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
+        dist.barrier()
+        latents = cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
+        conds = torch.stack([torch.from_numpy(full.conditions(i)) for i in range(len(full))])
+        index = {lab: i for i, lab in enumerate(full.labels)}
+        tr = torch.tensor([index[s] for s in train_ids])
+        va = torch.tensor([index[s] for s in val_ids], dtype=torch.long)
+        scale = 1.0 / float(latents[tr].std())
+        prior = Prior(cfg.model, latent_shape=tuple(latents.shape[1:]), condition_width=schema.width)
+        stage = PriorStage(prior, cfg, scale, dev, dist)
+        val_batches = [(latents[va[i:i + 16]], conds[va[i:i + 16]]) for i in range(0, len(va), 16)]
+        trainer = Trainer(stage, lambda idx: (latents[tr[idx]], conds[tr[idx]]), len(tr), val_batches,
+                          cfg.train, run_dir, dev, dist, on_step)
+        val = trainer.fit(resume=resume)
+        out_bundle = run_dir / "bundle"
+        if dist.is_main:
+            copy_bundle(bundle, out_bundle)
+            config = read_config(out_bundle)
+            config["conditions"] = schema.to_dict()
+            config["population"] = PopulationModel.fit([full.subjects[int(i)].values for i in tr], schema).to_dict()
+            config["prior"] = {
+                "config": cfg.model.to_dict(), "train": cfg.train.to_dict(), "ema_decay": cfg.ema_decay,
+                "latent_scale_factor": scale, "steps_trained": trainer.step, "seed": cfg.train.seed,
+                "command": command_line(), "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
+                "weights": "exponential moving average",
+            }
+            config["prior"]["sha256"] = save_weights(out_bundle, "prior", unwrap(stage.ema.module),
+                                                     cfg.model.to_dict())
+            write_config(out_bundle, config)
+            if val:
+                update_metrics(out_bundle, "prior_training_validation", {**val, "step": trainer.step})
+            write_model_card(out_bundle)
+        dist.barrier()
+    return out_bundle
