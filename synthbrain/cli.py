@@ -30,14 +30,16 @@ def _err(message: str) -> None:
 
 @contextmanager
 def progress(description: str) -> Iterator:
-    """A rich progress bar; yields an ``on_step(i, n, info)`` callback for the library."""
+    """A rich progress bar on stderr; yields an ``on_step(i, n, info)`` callback for the library. It is
+    transient: drawn live on a terminal and gone afterwards, so an error stays the only line."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=Console(stderr=True)) as bar:
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=None, info="")
 
         def on_step(i: int, n: int, info: dict | None = None) -> None:

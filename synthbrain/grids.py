@@ -70,11 +70,13 @@ class Grid:
 FULL = Grid("full", (160, 224, 160), 1.0, (-80.0, -129.0, -76.0))
 # Same field of view at 2 mm: a demo voxel centre sits between two full voxel centres.
 DEMO = Grid("demo", (80, 112, 80), 2.0, (-79.5, -128.5, -75.5))
-GRIDS = {g.name: g for g in (DEMO, FULL)}
+# For tests and quick experiments only: 5 mm, 32 x 48 x 32 (divisible by 8), the same centre.
+TINY = Grid("tiny", (32, 48, 32), 5.0, (-77.5, -136.5, -73.5))
+GRIDS = {g.name: g for g in (DEMO, FULL, TINY)}
 
 
 def get_grid(name: str | Grid) -> Grid:
-    """Look a grid up by name (``demo`` or ``full``)."""
+    """Look a grid up by name (``demo``, ``full`` or ``tiny``)."""
     if isinstance(name, Grid):
         return name
     try:

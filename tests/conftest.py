@@ -85,10 +85,11 @@ def _gzip_bomb(p: Path, forged_trailer: bool = False) -> Path:
 BAD_NIFTI = {
     "truncated .nii.gz": (_truncated_gz, "truncated"),
     "truncated .nii": (_truncated_nii, "truncated"),
-    "4D with 5 volumes": (lambda p: save_nifti(p / "dwi.nii.gz", np.zeros((*SHAPE, 5), np.float32)), "5 volumes"),
+    "4D with 5 volumes": (lambda p: save_nifti(p / "dwi.nii.gz", np.zeros((*SHAPE, 5), np.float32)),
+                          "5 volumes"),
     "2D": (lambda p: save_nifti(p / "slice.nii.gz", np.zeros((16, 16), np.float32)), "2D"),
-    "NaN voxels": (lambda p: save_nifti(p / "nan.nii.gz", np.where(np.arange(np.prod(SHAPE)).reshape(SHAPE) < 3,
-                                                                   np.nan, 1.0).astype(np.float32)), "3 of"),
+    "NaN voxels": (lambda p: save_nifti(p / "nan.nii.gz", np.where(
+        np.arange(np.prod(SHAPE)).reshape(SHAPE) < 3, np.nan, 1.0).astype(np.float32)), "3 of"),
     "1024^3 declared, tiny file": (lambda p: crafted_nifti(p / "huge.nii.gz", (1024, 1024, 1024)), "GiB"),
     "1024^3 declared, tiny .nii": (lambda p: crafted_nifti(p / "huge.nii", (1024, 1024, 1024)), "GiB"),
     # Under the size limit, so only the gzip trailer / file size shows the data are missing.
@@ -110,7 +111,8 @@ BAD_NIFTI = {
     "text named .nii.gz": (lambda p: _raw(p / "notes.nii.gz", b"hello\n" * 100), "not gzip"),
     "text named .nii": (lambda p: _raw(p / "notes.nii", b"hello\n" * 100), "not a NIfTI"),
     "gzipped text": (lambda p: _raw(p / "zipped.nii.gz", gzip.compress(b"hello\n" * 100)), "not a NIfTI"),
-    "complex data": (lambda p: save_nifti(p / "complex.nii.gz", np.zeros(SHAPE, np.complex64)), "unsupported data"),
+    "complex data": (lambda p: save_nifti(p / "complex.nii.gz", np.zeros(SHAPE, np.complex64)),
+                     "unsupported data"),
     "gzip bomb": (_gzip_bomb, "gzip trailer"),
     "gzip bomb, forged trailer": (lambda p: _gzip_bomb(p, forged_trailer=True), "more than"),
     "wrong extension": (lambda p: save_nifti(p / "brain.img", random_data()), ".nii or .nii.gz"),
@@ -165,7 +167,8 @@ class PhantomCohort:
         from synthbrain.grids import SPACE, get_grid
 
         res = get_grid(self.grid).res_label
-        return self.root / "derivatives" / "phantom" / label / "anat" / f"{label}_space-{SPACE}_res-{res}_dseg.nii.gz"
+        name = f"{label}_space-{SPACE}_res-{res}_dseg.nii.gz"
+        return self.root / "derivatives" / "phantom" / label / "anat" / name
 
     def participants(self) -> list[dict[str, str]]:
         from synthbrain.data.bids import read_tsv

@@ -1,7 +1,7 @@
 """NIfTI read/write: round trips, canonical orientation, and refusal of every kind of bad file.
 
 Files are real NIfTI written with nibabel (or hand-crafted headers where nibabel would refuse to
-write the defect) into pytest's tmp_path.
+write the defect) into pytest's tmp_path; the writers and the table of bad files live in conftest.py.
 """
 
 from __future__ import annotations
@@ -26,25 +26,6 @@ AFFINE = np.array([[2.0, 0, 0, -12], [0, 2, 0, -10], [0, 0, 2.5, -9], [0, 0, 0, 
 
 def _rng_data(shape=SHAPE, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
-
-
-def _save(path, data, affine=AFFINE):
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return path
-
-
-def _crafted(path, shape, *, dtype=np.float32, payload=None, affine=AFFINE, slope=None, inter=0.0):
-    """A single-file NIfTI-1 built byte by byte: header, extension flag, then ``payload``."""
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(shape)
-    hdr.set_data_dtype(dtype)
-    hdr.set_sform(affine, code=4)  # sform only: no qform decomposition, so any matrix goes in
-    hdr["vox_offset"] = 352
-    if slope is not None:
-        hdr["scl_slope"], hdr["scl_inter"] = slope, inter
-    raw = hdr.binaryblock + b"\0" * 4 + (payload if payload is not None else b"")
-    path.write_bytes(gzip.compress(raw, compresslevel=1) if str(path).endswith(".gz") else raw)
-    return path
 
 
 def _rotation_z(deg: float) -> np.ndarray:
@@ -91,9 +72,9 @@ def test_other_nifti_flavours_read(tmp_path, make):
     np.testing.assert_allclose(vol.affine, AFFINE)
 
 
-def test_scaling_is_applied(tmp_path):
+def test_scaling_is_applied(tmp_path, nifti):
     ints = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
-    path = _crafted(tmp_path / "scaled.nii.gz", SHAPE, dtype=np.int16, payload=ints.tobytes(order="F"),
+    path = nifti.crafted(tmp_path / "scaled.nii.gz", SHAPE, dtype=np.int16, payload=ints.tobytes(order="F"),
                     slope=0.5, inter=10.0)
     np.testing.assert_allclose(read_volume(path).data, ints * 0.5 + 10.0)
 
@@ -111,21 +92,21 @@ def _axes_permuted(data, affine):
 
 
 @pytest.mark.parametrize("reorient", [_lps, _axes_permuted], ids=["LPS", "ZXY"])
-def test_non_ras_file_reads_as_its_ras_twin(tmp_path, reorient):
+def test_non_ras_file_reads_as_its_ras_twin(tmp_path, nifti, reorient):
     data = _rng_data()
     other_data, other_affine = reorient(data, AFFINE)
     assert not np.array_equal(other_affine, AFFINE)
-    ras = read_volume(_save(tmp_path / "ras.nii.gz", data))
-    other = read_volume(_save(tmp_path / "other.nii.gz", other_data, other_affine))
+    ras = read_volume(nifti.save(tmp_path / "ras.nii.gz", data))
+    other = read_volume(nifti.save(tmp_path / "other.nii.gz", other_data, other_affine))
     np.testing.assert_array_equal(other.data, ras.data)
     np.testing.assert_allclose(other.affine, ras.affine, atol=1e-6)
     assert other.data.flags.c_contiguous
 
 
 @pytest.mark.parametrize("shape", [(*SHAPE, 1), (*SHAPE, 1, 1)], ids=["4D", "5D"])
-def test_singleton_trailing_dims_are_squeezed(tmp_path, shape):
+def test_singleton_trailing_dims_are_squeezed(tmp_path, nifti, shape):
     data = _rng_data()
-    vol = read_volume(_save(tmp_path / "single.nii.gz", data.reshape(shape)))
+    vol = read_volume(nifti.save(tmp_path / "single.nii.gz", data.reshape(shape)))
     assert vol.shape == SHAPE
     np.testing.assert_array_equal(vol.data, data)
 
@@ -133,81 +114,13 @@ def test_singleton_trailing_dims_are_squeezed(tmp_path, shape):
 # ------------------------------------------------------------------------------------ bad inputs
 
 
-def _raw(path, content: bytes):
-    path.write_bytes(content)
-    return path
-
-
-def _truncated_gz(p):
-    full = _save(p / "cut.nii.gz", _rng_data())
-    raw = full.read_bytes()
-    full.write_bytes(raw[: len(raw) // 2])
-    return full
-
-
-def _truncated_nii(p):
-    full = _save(p / "cut.nii", _rng_data())
-    full.write_bytes(full.read_bytes()[:-100])
-    return full
-
-
-def _gzip_bomb(p, forged_trailer=False):
-    # A header declaring 8 x 8 x 8 uint8 (864 bytes) followed by 50 MB of zeros.
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape((8, 8, 8))
-    hdr.set_data_dtype(np.uint8)
-    hdr["vox_offset"] = 352
-    packed = bytearray(gzip.compress(hdr.binaryblock + bytes(4 + 50_000_000), compresslevel=1))
-    if forged_trailer:  # the trailer agrees with the header, so only the capped stream can tell
-        packed[-4:] = (352 + 512).to_bytes(4, "little")
-    path = p / "bomb.nii.gz"
-    path.write_bytes(bytes(packed))
-    return path
-
-
-BAD = {
-    "truncated .nii.gz": (_truncated_gz, "truncated"),
-    "truncated .nii": (_truncated_nii, "truncated"),
-    "4D with 5 volumes": (lambda p: _save(p / "dwi.nii.gz", np.zeros((*SHAPE, 5), np.float32)), "5 volumes"),
-    "2D": (lambda p: _save(p / "slice.nii.gz", np.zeros((16, 16), np.float32)), "2D"),
-    "NaN voxels": (lambda p: _save(p / "nan.nii.gz", np.where(np.arange(np.prod(SHAPE)).reshape(SHAPE) < 3,
-                                                               np.nan, 1.0).astype(np.float32)), "3 of"),
-    "1024^3 declared, tiny file": (lambda p: _crafted(p / "huge.nii.gz", (1024, 1024, 1024)), "GiB"),
-    "1024^3 declared, tiny .nii": (lambda p: _crafted(p / "huge.nii", (1024, 1024, 1024)), "GiB"),
-    # Under the size limit, so only the gzip trailer / file size shows the data are missing.
-    "512^3 declared, tiny file": (lambda p: _crafted(p / "big.nii.gz", (512, 512, 512)), "gzip trailer"),
-    "512^3 declared, tiny .nii": (lambda p: _crafted(p / "big.nii", (512, 512, 512)), "truncated"),
-    "dimension 2000": (lambda p: _crafted(p / "wide.nii.gz", (2000, 16, 16)), "8..1024"),
-    "dimension 4": (lambda p: _crafted(p / "small.nii.gz", (4, 16, 16)), "8..1024"),
-    "zero-size file": (lambda p: _raw(p / "empty.nii.gz", b""), "empty"),
-    "singular affine": (lambda p: _crafted(p / "singular.nii.gz", SHAPE, affine=np.array(
-        [[1.0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]])), "singular"),
-    "sheared affine": (lambda p: _crafted(p / "shear.nii.gz", SHAPE, affine=np.array(
-        [[1.0, 0.2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])), "sheared"),
-    "voxel size 0": (lambda p: _crafted(p / "flat.nii.gz", SHAPE, affine=np.diag([0.0, 1, 1, 1])), "voxel size"),
-    "voxel size 20 mm": (lambda p: _crafted(p / "coarse.nii.gz", SHAPE, affine=np.diag([20.0, 1, 1, 1])),
-                         "voxel size"),
-    "NaN affine": (lambda p: _crafted(p / "nanaff.nii.gz", SHAPE, affine=np.diag([np.nan, 1, 1, 1])),
-                   "NaN or infinite"),
-    "text named .nii.gz": (lambda p: _raw(p / "notes.nii.gz", b"hello\n" * 100), "not gzip"),
-    "text named .nii": (lambda p: _raw(p / "notes.nii", b"hello\n" * 100), "not a NIfTI"),
-    "gzipped text": (lambda p: _raw(p / "zipped.nii.gz", gzip.compress(b"hello\n" * 100)), "not a NIfTI"),
-    "complex data": (lambda p: _save(p / "complex.nii.gz", np.zeros(SHAPE, np.complex64)), "unsupported data"),
-    "gzip bomb": (_gzip_bomb, "gzip trailer"),
-    "gzip bomb, forged trailer": (lambda p: _gzip_bomb(p, forged_trailer=True), "more than"),
-    "wrong extension": (lambda p: _save(p / "brain.img", _rng_data()), ".nii or .nii.gz"),
-}
-
-
 def _from_bytes(path):
     return volume_from_bytes(path.read_bytes(), path.name)
 
 
 @pytest.mark.parametrize("reader", [read_volume, _from_bytes], ids=["file", "bytes"])
-@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_file_is_refused_quickly_with_one_line_naming_it(tmp_path, case, reader):
-    build, expected = BAD[case]
-    path = build(tmp_path)
+def test_bad_file_is_refused_quickly_with_one_line_naming_it(bad_nifti, reader):
+    path, expected = bad_nifti.path, bad_nifti.expected
     start = time.perf_counter()
     with pytest.raises(InvalidVolumeError) as err:
         reader(path)
@@ -223,13 +136,13 @@ def test_missing_file_is_refused(tmp_path):
         read_volume(tmp_path / "absent.nii.gz")
 
 
-def test_volume_from_bytes_reads_an_upload_and_leaves_no_files(tmp_path, monkeypatch):
+def test_volume_from_bytes_reads_an_upload_and_leaves_no_files(tmp_path, nifti, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.chdir(scratch)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     data = _rng_data()
-    vol = volume_from_bytes((_save(tmp_path / "up.nii.gz", data)).read_bytes(), "C:\\fakepath/up.nii.gz")
+    vol = volume_from_bytes((nifti.save(tmp_path / "up.nii.gz", data)).read_bytes(), "C:\\fakepath/up.nii.gz")
     np.testing.assert_array_equal(vol.data, data)
     assert vol.source == "up.nii.gz"
     with pytest.raises(InvalidVolumeError, match="^junk.nii.gz: not gzip"):

@@ -196,12 +196,22 @@ class BIDSDataset:
 
 def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int = 0,
                    min_val: int = 1) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by a seeded hash of each label (stable when subjects are
-    added: a subject stays on its side)."""
+    """Deterministic train/validation split by a seeded hash of each label.
+
+    A subject is held out when its hash, read as a fraction in [0, 1), is below ``val_fraction``: the
+    decision depends on the subject alone, so adding subjects never moves one to the other side. So
+    the validation set holds about (not exactly) ``val_fraction`` of the subjects; with few subjects
+    it is topped up to ``min_val`` with the next lowest hashes (those may move back to training once
+    the dataset grows).
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    keyed = sorted(labels, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
-    n_val = 0 if val_fraction == 0 else max(min_val, int(round(len(labels) * val_fraction)))
+
+    def position(label: str) -> float:
+        return int(hashlib.sha256(f"{seed}:{label}".encode()).hexdigest()[:16], 16) / 16**16
+
+    keyed = sorted(labels, key=position)
+    n_val = 0 if val_fraction == 0 else max(min_val, sum(position(s) < val_fraction for s in labels))
     if n_val >= len(labels):
         raise DatasetError(f"{len(labels)} subjects are too few to hold {n_val} out for validation")
     val = set(keyed[:n_val])

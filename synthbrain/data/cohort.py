@@ -152,18 +152,23 @@ def _warp(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndi.map_coordinates(image, coords, order=1, mode="constant", cval=0.0, prefilter=False)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def ventricle_calibration(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """(alphas, log volume ratios): how much the ventricular deformation changes the template's
-    ventricles, used to pick the velocity that gives a subject's target ventricle ratio."""
+    ventricles, used to pick the velocity that gives a subject's target ventricle ratio (cached on disk)."""
+    from synthbrain.cache import cached_arrays
     from synthbrain.data.template import load_template
 
-    tmpl = load_template(grid)
-    ident = np.indices(grid.shape, dtype=np.float32)
-    base = tmpl.ventricles.sum(dtype=np.float64)
-    ratios = [_warp(tmpl.ventricles, ident + _ventricle_ddf(grid, a)).sum(dtype=np.float64) / base
-              for a in _ALPHAS]
-    return np.array(_ALPHAS), np.log(np.array(ratios))
+    def build() -> dict[str, np.ndarray]:
+        tmpl = load_template(grid)
+        ident = np.indices(grid.shape, dtype=np.float32)
+        base = tmpl.ventricles.sum(dtype=np.float64)
+        ratios = [_warp(tmpl.ventricles, ident + _ventricle_ddf(grid, a)).sum(dtype=np.float64) / base
+                  for a in _ALPHAS]
+        return {"alphas": np.array(_ALPHAS), "log_ratios": np.log(np.array(ratios))}
+
+    a = cached_arrays(f"ventricle-calibration-{grid.name}-{'x'.join(map(str, grid.shape))}-{grid.spacing:g}mm", build)
+    return a["alphas"], a["log_ratios"]
 
 
 def _alpha_for_ratio(grid: Grid, ratio: float) -> float:

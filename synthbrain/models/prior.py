@@ -26,9 +26,9 @@ from synthbrain.errors import ConfigError
 
 @dataclass(frozen=True)
 class PriorConfig:
-    channels: tuple[int, ...] = (64, 128, 256)
+    channels: tuple[int, ...] = (32, 64, 128)
     attention_levels: tuple[bool, ...] = (False, True, True)
-    num_res_blocks: int = 2
+    num_res_blocks: int = 1
     num_head_channels: int = 32
     norm_num_groups: int = 32
     num_train_timesteps: int = 1000
