@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from synthbrain.errors import DatasetError
+from synthbrain.errors import InvalidVolumeError
 
 OnStep = Callable[[int, int, dict], None]
 
@@ -68,6 +68,17 @@ def _refresh_card(path: Path) -> None:
     write_model_card(path)
 
 
+def _measure_or_none(volume):
+    """A sample's measurement, or None when the image has no measurable brain (an untrained model's
+    output): it then counts against the model rather than stopping the evaluation."""
+    from synthbrain.measure import measure_volume
+
+    try:
+        return measure_volume(volume)
+    except InvalidVolumeError:
+        return None
+
+
 def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu", n_conditions: int = 32,
                    n_ageing: int = 20, n_diversity: int = 8, steps: int | None = None,
                    on_step: OnStep | None = None) -> dict:
@@ -76,7 +87,6 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
 
     from synthbrain.bundle import load_bundle, update_metrics
     from synthbrain.data.bids import BIDSDataset
-    from synthbrain.measure import measure_volume
     from synthbrain.metrics import agreement, ms_ssim_pairs
     from synthbrain.sampling import Generator
 
@@ -105,14 +115,16 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
     for k, cond in enumerate(requested):
         s = gen.sample(cond, n=1, seed=1000 + k, steps=steps)[0]
         synth.append(s.volume.data)
-        measured.append(measure_volume(s.volume))
+        measured.append(_measure_or_none(s.volume))
         tick("adherence")
     seconds = (time.perf_counter() - t0) / len(requested)
-    result: dict = {"subjects": len(idx), "held_out_conditions": held_out,
+    ok = [k for k, m in enumerate(measured) if m is not None]
+    result: dict = {"subjects": len(idx), "held_out_conditions": held_out, "unmeasurable_samples": len(idx) - len(ok),
                     "steps": steps or gen.config.default_steps, "guidance": gen.config.default_guidance}
-    for name, attr in (("ventricular_volume", "ventricular_volume"), ("brain_volume", "brain_volume")):
+    for name in ("ventricular_volume", "brain_volume"):
         if name in bundle.schema.names:
-            result[f"{name}_adherence"] = agreement([c[name] for c in requested], [getattr(m, attr) for m in measured])
+            result[f"{name}_adherence"] = agreement([requested[k][name] for k in ok],
+                                                    [getattr(measured[k], name) for k in ok])
 
     # 2. ageing: same seed at 45 and 85, volumes typical for each age and sex
     pop = bundle.population
@@ -125,12 +137,15 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
             vols = []
             for a in (young, old):
                 cond = pop.typical(bundle.schema, {"age": a, **sex})
-                vols.append(measure_volume(gen.sample(cond, n=1, seed=s, steps=steps)[0].volume).ventricular_volume)
+                m = _measure_or_none(gen.sample(cond, n=1, seed=s, steps=steps)[0].volume)
+                vols.append(None if m is None else m.ventricular_volume)
                 tick("ageing")
-            wins += vols[1] > vols[0]
-            diffs.append(vols[1] - vols[0])
+            if None not in vols:
+                wins += vols[1] > vols[0]
+                diffs.append(vols[1] - vols[0])
         result["ageing"] = {"ages": [young, old], "seeds": n_ageing, "share_larger_ventricles_when_older": wins / n_ageing,
-                            "mean_ventricle_increase_mL": float(np.mean(diffs))}
+                            "mean_ventricle_increase_mL": float(np.mean(diffs)) if diffs else float("nan"),
+                            "unmeasurable_pairs": n_ageing - len(diffs)}
 
     # 3. diversity: MS-SSIM among samples of one condition vs among real subjects
     samples = gen.sample(bundle.schema.defaults(), n=n_diversity, seed=5000, steps=steps)
@@ -160,8 +175,6 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
     result["seconds_per_sample"] = seconds
     result["device"] = str(gen.device)
     result["data"] = ds.fingerprint()["name"]
-    if not measured:
-        raise DatasetError("no subjects to evaluate on")
     update_metrics(bundle.path, "prior", result)
     _refresh_card(bundle.path)
     return result

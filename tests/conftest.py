@@ -201,3 +201,52 @@ def cohort_copy(phantom_cohort, tmp_path) -> PhantomCohort:
     """A private copy of ``phantom_cohort`` that a test may change (file times are kept)."""
     root = shutil.copytree(phantom_cohort.root, tmp_path / "cohort")
     return PhantomCohort(root, phantom_cohort.n, phantom_cohort.seed, phantom_cohort.grid)
+
+
+# ------------------------------------------------------------------------------------ tiny models
+
+TINY_AUTOENCODER = {
+    "train": {"steps": 8, "batch_size": 2, "lr": 2e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 2,
+              "log_every": 1, "val_fraction": 0.25, "seed": 0},
+    "model": {"channels": [4, 8, 8], "num_res_channels": [4, 8, 8], "num_res_layers": 1, "num_embeddings": 32,
+              "embedding_dim": 4},
+}
+TINY_PRIOR = {
+    "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 4,
+              "log_every": 1, "val_fraction": 0.25, "seed": 0},
+    "model": {"channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 16,
+              "norm_num_groups": 16, "default_steps": 3},
+}
+
+
+def subprocess_env() -> dict:
+    """Environment for CLI subprocesses: one thread each (two cores; no oversubscription)."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def write_json(path: Path, obj) -> Path:
+    import json
+
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> PhantomCohort:
+    """10 phantom subjects on the 5 mm ``tiny`` grid (32 x 48 x 32), for training tests. Read-only."""
+    return _generate(tmp_path_factory, "tiny_cohort", n=10, seed=5, grid="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_cohort) -> Path:
+    """A bundle with a tiny autoencoder and prior trained a few steps on ``tiny_cohort``. Read-only."""
+    from synthbrain.training.autoencoder import train_autoencoder
+    from synthbrain.training.prior import train_prior
+
+    base = tmp_path_factory.mktemp("tiny_bundle")
+    data = shutil.copytree(tiny_cohort.root, base / "data")
+    ae = train_autoencoder(data, base / "ae", grid="tiny",
+                           config_file=write_json(base / "ae.json", TINY_AUTOENCODER))
+    return train_prior(ae, data, base / "prior", config_file=write_json(base / "prior.json", TINY_PRIOR))

@@ -160,8 +160,9 @@ class Autoencoder(nn.Module):
             pick = torch.randint(flat.shape[0], (n_dead,), generator=generator, device=flat.device)
             new = flat[pick]
             q.embedding.weight.data[dead] = new
-            # restarted codes start with a usage of 1 so the EMA normalisation keeps them where we put them
-            q.ema_cluster_size.data[dead] = 1.0
+            # a restarted code starts just above the threshold: kept where we put it by the EMA
+            # normalisation, and dead again after ~70 steps if no encoder output picks it
+            q.ema_cluster_size.data[dead] = 2.0 * self.config.dead_code_threshold
             n = q.ema_cluster_size.sum()
             weights = (q.ema_cluster_size + q.epsilon) / (n + q.num_embeddings * q.epsilon) * n
             q.ema_w.data[dead] = new * weights[dead, None]

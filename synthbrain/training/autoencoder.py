@@ -110,7 +110,8 @@ class AutoencoderStage:
         return logs
 
     def after_step(self, step: int) -> dict[str, float]:
-        if (step + 1) % RESTART_EVERY or self._last_z is None:
+        # step 0 included: the codebook starts from encoder outputs instead of N(0, 1) noise
+        if step % RESTART_EVERY or self._last_z is None:
             return {}
         return {"codes_restarted": float(self.model.restart_dead_codes(self._last_z, self.generator))}
 

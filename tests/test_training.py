@@ -1,0 +1,121 @@
+"""Training loop: the loss falls, checkpoints are atomic and resume exactly, bad configs are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_AUTOENCODER, subprocess_env, write_json
+from synthbrain.errors import ConfigError, SynthBrainError
+from synthbrain.training.autoencoder import AutoencoderTraining, train_autoencoder
+from synthbrain.training.checkpoint import list_checkpoints
+from synthbrain.training.loop import read_metrics
+
+
+def _losses(run_dir):
+    return [r["value"] for r in read_metrics(run_dir / "metrics.csv") if r["split"] == "train" and r["name"] == "l1"]
+
+
+def test_tiny_autoencoder_loss_falls(tiny_cohort, tmp_path):
+    cfg = json.loads(json.dumps(TINY_AUTOENCODER))
+    cfg["train"].update(steps=40, ckpt_every=40, val_every=0)
+    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
+    train_autoencoder(data, tmp_path / "run", grid="tiny", config_file=write_json(tmp_path / "c.json", cfg))
+    l1 = _losses(tmp_path / "run")
+    assert len(l1) == 40
+    assert sum(l1[-5:]) / 5 < 0.75 * sum(l1[:5]) / 5
+
+
+def test_run_folder_and_bundle(tiny_bundle):
+    run = tiny_bundle.parent.parent / "ae"
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000006", "step-0000008"]  # newest two kept
+    assert not list(run.glob("checkpoints/.tmp-*"))
+    rows = read_metrics(run / "metrics.csv")
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert {"psnr", "ssim", "codebook_usage", "perplexity"} <= {r["name"] for r in rows if r["split"] == "val"}
+    cfg = json.loads((run / "bundle" / "config.json").read_text())
+    assert cfg["autoencoder"]["steps_trained"] == 8
+    assert cfg["autoencoder"]["val_subjects"], "held-out subjects are recorded"
+    assert cfg["autoencoder"]["data_fingerprint"]["phantom"] is True
+
+
+def _cli_train(data, out, config, *extra):
+    return [sys.executable, "-m", "synthbrain", "train", "autoencoder", "--data", str(data), "--out", str(out),
+            "--grid", "tiny", "--config", str(config), "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
+    """SIGKILL in the middle of training, then --resume: the final weights are bit-identical."""
+    cfg = json.loads(json.dumps(TINY_AUTOENCODER))
+    cfg["train"].update(steps=16, ckpt_every=2, val_every=0)
+    config = write_json(tmp_path / "c.json", cfg)
+    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
+    env = subprocess_env()
+
+    subprocess.run(_cli_train(data, tmp_path / "full", config), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli_train(data, tmp_path / "killed", config), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list_checkpoints(tmp_path / "killed")
+        if found and int(found[-1].name.split("-")[1]) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1])
+    assert 6 <= killed_at < 16
+
+    # a resumed run needs --resume; without it the folder is refused
+    refused = subprocess.run(_cli_train(data, tmp_path / "killed", config), env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resume = [sys.executable, "-m", "synthbrain", "train", "autoencoder", "--data", str(data),
+              "--out", str(tmp_path / "killed"), "--grid", "tiny", "--device", "cpu", "--resume"]
+    subprocess.run(resume, check=True, env=env, capture_output=True)  # the config comes from run.json
+
+    a = load_file(str(tmp_path / "full" / "bundle" / "autoencoder.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "bundle" / "autoencoder.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.csv") if r["name"] == "l1"]
+    assert steps == list(range(1, 17)), "metrics.csv has each step once after the resume"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"train": {"amp": "fp8"}}, "train.amp"),
+    ({"model": {"channels": [4, 8], "num_res_channels": [4]}}, "num_res_channels"),
+    ({"model": {"colour": 3}}, "unknown keys"),
+    ({"optimiser": {}}, "unknown config sections"),
+])
+def test_bad_config_is_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        AutoencoderTraining.from_dict(bad)
+
+
+def test_cli_refuses_bad_config_file(tiny_cohort, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = subprocess.run(_cli_train(tiny_cohort.root, tmp_path / "run", bad), env=subprocess_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "bad.json" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_cohort, tmp_path):
+    with pytest.raises(SynthBrainError, match="no checkpoint"):
+        train_autoencoder(shutil.copytree(tiny_cohort.root, tmp_path / "d"), tmp_path / "run", grid="tiny",
+                          resume=True, config_file=write_json(tmp_path / "c.json", TINY_AUTOENCODER))
