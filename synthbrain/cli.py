@@ -137,7 +137,14 @@ def train_autoencoder_cmd(
     with progress("train autoencoder") as on_step:
         bundle = train_autoencoder(data, out, grid=grid, steps=steps, resume=resume, config_file=config,
                                    device=device, on_step=on_step, extra_conditions=condition)
-    typer.echo(f"bundle written to {bundle}")
+    _rank0_echo(f"bundle written to {bundle}")
+
+
+def _rank0_echo(text: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        typer.echo(text)
 
 
 @train_app.command("prior")
@@ -157,7 +164,7 @@ def train_prior_cmd(
     with progress("train prior") as on_step:
         out_bundle = train_prior(bundle, data, out, steps=steps, resume=resume, config_file=config, device=device,
                                  on_step=on_step, extra_conditions=condition)
-    typer.echo(f"bundle written to {out_bundle}")
+    _rank0_echo(f"bundle written to {out_bundle}")
 
 
 BundleOpt = typer.Option(None, "--bundle", help="model bundle folder (default: the shipped demo bundle)")
@@ -261,6 +268,32 @@ def evaluate_prior_cmd(
                f"brain r {b.get('r', float('nan')):.3f} (MAE {b.get('mae', float('nan')):.1f} mL)  "
                f"ageing {100 * r.get('ageing', {}).get('share_larger_ventricles_when_older', float('nan')):.0f} %  "
                f"{r['seconds_per_sample']:.2f} s/sample -> {bundle / 'metrics.json'}")
+
+
+@app.command("app")
+def app_cmd(
+    port: int = typer.Option(8501, "--port", min=1, max=65535),
+    models: Optional[Path] = typer.Option(None, "--models", help="folder of bundles to offer besides the demo bundle"),
+    address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0 for all)"),
+) -> None:
+    """Start the Streamlit app (from a source checkout)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "app.py"
+    if not script.is_file():
+        raise SynthBrainError(f"{script} not found: the app runs from a source checkout (git clone, pip install -e .)")
+    env = dict(os.environ)
+    if models is not None:
+        if not models.is_dir():
+            raise SynthBrainError(f"{models}: --models must be a folder of bundles")
+        env["SYNTHBRAIN_MODELS"] = str(models.resolve())
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+           "--server.address", address]
+    typer.echo(f"SynthBrain app on http://{address}:{port}  (Ctrl+C to stop)")
+    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
 
 
 def main() -> int:
