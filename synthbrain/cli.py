@@ -55,13 +55,15 @@ def cohort(
     grid: str = GridOpt,
     seed: int = typer.Option(0, "--seed", help="same seed, same cohort (byte for byte)"),
     out: Path = typer.Option(..., "--out", help="folder for the BIDS dataset"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated labels: write just these subjects"),
 ) -> None:
     """Generate a phantom BIDS cohort from the MNI152 template (known true volumes)."""
     from synthbrain.data.cohort import generate_cohort
 
+    labels = [s.strip() for s in only.split(",") if s.strip()] if only else None
     with progress(f"cohort ({grid})") as on_step:
-        path = generate_cohort(out, n=n, grid=grid, seed=seed, on_step=on_step)
-    typer.echo(f"wrote {n} phantom subjects to {path}")
+        path = generate_cohort(out, n=n, grid=grid, seed=seed, on_step=on_step, only=labels)
+    typer.echo(f"wrote {len(labels) if labels else n} phantom subjects to {path}")
 
 
 def _expand_inputs(paths: list[Path]) -> list[Path]:

@@ -227,3 +227,19 @@ def test_older_subjects_of_a_cohort_have_larger_ventricles(large_phantom_cohort)
     assert old.sum() >= 3 and young.sum() >= 3
     assert vent[old].mean() > vent[young].mean()
     assert brain_fraction[old].mean() < brain_fraction[young].mean()
+
+
+def test_only_writes_the_named_subjects_identical_to_the_full_cohort(phantom_cohort, tmp_path):
+    from synthbrain.data.cohort import generate_cohort
+
+    out = generate_cohort(tmp_path / "part", n=phantom_cohort.n, grid=phantom_cohort.grid, seed=phantom_cohort.seed,
+                          only=["sub-0004"])
+    assert sorted(p.name for p in out.glob("sub-*")) == ["sub-0004"]
+    name = "sub-0004/anat/sub-0004_T1w.nii.gz"
+    assert (out / name).read_bytes() == (phantom_cohort.root / name).read_bytes()
+    from synthbrain.data.bids import read_tsv
+
+    rows = read_tsv(out / "participants.tsv")
+    assert [r["participant_id"] for r in rows] == ["sub-0004"]
+    with pytest.raises(ConfigError, match="sub-0099"):
+        generate_cohort(tmp_path / "bad", n=phantom_cohort.n, seed=phantom_cohort.seed, only=["sub-0099"])

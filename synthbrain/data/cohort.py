@@ -36,7 +36,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -277,8 +277,11 @@ PARTICIPANT_COLUMNS = {
 
 
 def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed: int = 0,
-                    on_step: OnStep | None = None) -> Path:
+                    on_step: OnStep | None = None, only: Sequence[str] | None = None) -> Path:
     """Write a BIDS dataset of ``n`` phantom subjects to ``out_dir`` and return its path.
+
+    ``only`` (labels such as ``sub-0007``) writes just those subjects of the ``n``, identical to their
+    files in the full cohort: enough to re-evaluate a model on its held-out subjects.
 
     Layout: ``participants.tsv`` (+ ``.json``), ``sub-<id>/anat/sub-<id>_T1w.nii.gz`` (+ JSON sidecar
     with the subject's phantom parameters) and the true label maps under
@@ -309,7 +312,14 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
     atomic_write(deriv / "dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in DSEG_LABELS.items()))
 
     rows = []
-    for i in range(n):
+    indices = list(range(n))
+    if only:
+        wanted = {label if label.startswith("sub-") else f"sub-{label}" for label in only}
+        indices = [i for i in indices if f"sub-{i + 1:04d}" in wanted]
+        missing = wanted - {f"sub-{i + 1:04d}" for i in indices}
+        if missing:
+            raise ConfigError(f"--only names subjects outside this cohort of {n}: {', '.join(sorted(missing))}")
+    for k, i in enumerate(indices):
         params = sample_subject(seed, i)
         subj = render_subject(params, grid)
         sid = f"sub-{params.participant_id}"
@@ -325,7 +335,7 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
                      "diagnosis": params.diagnosis, "ventricular_volume": subj.ventricular_volume_ml,
                      "brain_volume": subj.brain_volume_ml, "intracranial_volume": subj.intracranial_volume_ml})
         if on_step is not None:
-            on_step(i + 1, n, {"subject": sid, "age": params.age})
+            on_step(k + 1, len(indices), {"subject": sid, "age": params.age})
 
     atomic_write(out / "participants.tsv", tsv_text(rows, list(PARTICIPANT_COLUMNS)))
     atomic_write(out / "participants.json", json.dumps(PARTICIPANT_COLUMNS, indent=2) + "\n")

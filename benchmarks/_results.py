@@ -1,0 +1,31 @@
+"""Write one benchmark's section of benchmarks/results.md (between its own markers)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results.md"
+HEADER = "# Benchmark results\n\nEach section is written by the script it names; rerun the command to refresh it.\n"
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {gpu}")
+
+
+def write_section(name: str, command: str, body: str) -> None:
+    """Replace (or append) the section ``name`` in results.md."""
+    text = RESULTS.read_text() if RESULTS.is_file() else HEADER
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"<!-- {name} -->\n## {name}\n\nCommand: `{command}`  \nMeasured {stamp} on {machine()}.\n\n"
+               f"{body.strip()}\n<!-- /{name} -->\n")
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text)
