@@ -77,8 +77,35 @@ def _bias_correct(data: np.ndarray, head: np.ndarray, gm: float, wm: float, iter
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """The maps a measurement is made of, on ``grid`` (for display: surfaces show what was measured)."""
+
+    grid: Grid
+    image: np.ndarray            # the volume on the grid, normalised and bias-corrected
+    head: np.ndarray             # bool: the head mask (brain + CSF)
+    csf: np.ndarray              # CSF fraction per voxel (0 outside the head)
+    ventricle_region: np.ndarray  # bool: where CSF counts as ventricle
+    measurement: Measurement
+
+    @property
+    def brain(self) -> np.ndarray:
+        """Brain (GM + WM) fraction per voxel."""
+        return np.where(self.head, 1.0 - self.csf, 0.0).astype(np.float32)
+
+    @property
+    def ventricles(self) -> np.ndarray:
+        """Ventricular CSF fraction per voxel."""
+        return np.where(self.ventricle_region, self.csf, 0.0).astype(np.float32)
+
+
 def measure_volume(volume: Volume, grid: Grid | None = None) -> Measurement:
     """Measure brain and ventricular volume (mL) of a brain-extracted T1 ``volume`` in MNI space."""
+    return segment(volume, grid).measurement
+
+
+def segment(volume: Volume, grid: Grid | None = None) -> Segmentation:
+    """The head mask, CSF fraction and ventricle region of ``volume`` behind :func:`measure_volume`."""
     from synthbrain.data.preprocess import brain_mask, resample_to_grid, robust_scale
     from synthbrain.data.template import load_template
 
@@ -109,8 +136,11 @@ def measure_volume(volume: Volume, grid: Grid | None = None) -> Measurement:
     if not wm_m > gm_m * 1.02:
         raise InvalidVolumeError(f"{volume.source or 'volume'}: no grey / white-matter contrast; is it a T1?")
     csf_m = _csf_intensity(gm_m, wm_m, tmpl)
-    csf_frac = np.clip((gm_m - data) / (gm_m - csf_m), 0.0, 1.0) * head
+    csf_frac = (np.clip((gm_m - data) / (gm_m - csf_m), 0.0, 1.0) * head).astype(np.float32)
     brain = icv - float(csf_frac.sum(dtype=np.float64)) * grid.voxel_volume_ml
-    vent = float(csf_frac[region(tmpl.ventricle_region)].sum(dtype=np.float64)) * grid.voxel_volume_ml
-    return Measurement(brain_volume=brain, ventricular_volume=vent, intracranial_volume=icv,
-                       csf_mean=float(csf_m), gm_mean=float(gm_m), wm_mean=float(wm_m))
+    vent_region = region(tmpl.ventricle_region)
+    vent = float(csf_frac[vent_region].sum(dtype=np.float64)) * grid.voxel_volume_ml
+    m = Measurement(brain_volume=brain, ventricular_volume=vent, intracranial_volume=icv,
+                    csf_mean=float(csf_m), gm_mean=float(gm_m), wm_mean=float(wm_m))
+    return Segmentation(grid=grid, image=data.astype(np.float32), head=head, csf=csf_frac,
+                        ventricle_region=vent_region, measurement=m)
