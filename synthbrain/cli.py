@@ -6,9 +6,9 @@ Errors the library raises on purpose (``SynthBrainError``) print one line and ex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -33,8 +33,14 @@ def progress(description: str) -> Iterator:
     """A rich progress bar on stderr; yields an ``on_step(i, n, info)`` callback for the library. It is
     transient: drawn live on a terminal and gone afterwards, so an error stays the only line."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -55,7 +61,7 @@ def cohort(
     grid: str = GridOpt,
     seed: int = typer.Option(0, "--seed", help="same seed, same cohort (byte for byte)"),
     out: Path = typer.Option(..., "--out", help="folder for the BIDS dataset"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated labels: write just these subjects"),
+    only: str | None = typer.Option(None, "--only", help="comma-separated labels: write just these subjects"),
 ) -> None:
     """Generate a phantom BIDS cohort from the MNI152 template (known true volumes)."""
     from synthbrain.data.cohort import generate_cohort
@@ -83,7 +89,7 @@ def _expand_inputs(paths: list[Path]) -> list[Path]:
 @app.command()
 def measure(
     paths: list[Path] = typer.Argument(..., help="NIfTI files (brain-extracted T1 in MNI space) or folders"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the table as TSV here"),
+    out: Path | None = typer.Option(None, "--out", help="write the table as TSV here"),
 ) -> None:
     """Brain and ventricular volume (mL) of T1 volumes, from the image alone."""
     from synthbrain.data.bids import tsv_text
@@ -127,9 +133,9 @@ def train_autoencoder_cmd(
     data: Path = typer.Option(..., "--data", help="BIDS dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.csv, and the bundle in out/bundle"),
     grid: str = GridOpt,
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON with train / model / loss sections"),
+    config: Path | None = typer.Option(None, "--config", help="JSON with train / model / loss sections"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
@@ -154,9 +160,9 @@ def train_prior_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="bundle with a trained autoencoder"),
     data: Path = typer.Option(..., "--data", help="BIDS dataset with the conditions in participants.tsv"),
     out: Path = typer.Option(..., "--out", help="run folder; the bundle with the prior goes to out/bundle"),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON with train / model sections"),
+    config: Path | None = typer.Option(None, "--config", help="JSON with train / model sections"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
@@ -175,7 +181,7 @@ BundleOpt = typer.Option(None, "--bundle", help="model bundle folder (default: t
 @app.command()
 def reconstruct(
     path: Path = typer.Argument(..., help="T1 NIfTI in MNI space (brain-extracted)"),
-    bundle: Optional[Path] = BundleOpt,
+    bundle: Path | None = BundleOpt,
     out: Path = typer.Option(..., "--out", help="reconstruction .nii.gz"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
@@ -197,16 +203,16 @@ def reconstruct(
 
 @app.command()
 def sample(
-    bundle: Optional[Path] = BundleOpt,
-    age: Optional[float] = typer.Option(None, "--age", help="years"),
-    sex: Optional[str] = typer.Option(None, "--sex", help="F or M"),
-    ventricular_volume: Optional[float] = typer.Option(None, "--ventricular-volume", help="mL"),
-    brain_volume: Optional[float] = typer.Option(None, "--brain-volume", help="mL"),
+    bundle: Path | None = BundleOpt,
+    age: float | None = typer.Option(None, "--age", help="years"),
+    sex: str | None = typer.Option(None, "--sex", help="F or M"),
+    ventricular_volume: float | None = typer.Option(None, "--ventricular-volume", help="mL"),
+    brain_volume: float | None = typer.Option(None, "--brain-volume", help="mL"),
     condition: list[str] = typer.Option([], "--condition", help="any condition as NAME=VALUE"),
     n: int = typer.Option(1, "--n", min=1, help="number of brains"),
     seed: int = typer.Option(0, "--seed", help="sample i uses seed + i"),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps (default: the bundle's)"),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="DDIM steps (default: the bundle's)"),
+    guidance: float | None = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
     out: Path = typer.Option(..., "--out", help="folder for the BIDS-like synthetic dataset"),
     device: str = typer.Option("auto", "--device", help="auto (GPU if there is one), cpu, cuda"),
     no_measure: bool = typer.Option(False, "--no-measure", help="skip measuring the samples' volumes"),
@@ -257,7 +263,7 @@ def evaluate_prior_cmd(
     device: str = typer.Option("cpu", "--device"),
     n_conditions: int = typer.Option(32, "--n-conditions", min=3),
     n_ageing: int = typer.Option(20, "--n-ageing", min=1),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    steps: int | None = typer.Option(None, "--steps", min=1),
 ) -> None:
     """Conditioning adherence, ageing, diversity, realism (MMD) and sampling time -> metrics.json."""
     from synthbrain.evaluation import evaluate_prior
@@ -275,7 +281,7 @@ def evaluate_prior_cmd(
 @app.command("app")
 def app_cmd(
     port: int = typer.Option(8501, "--port", min=1, max=65535),
-    models: Optional[Path] = typer.Option(None, "--models", help="folder of bundles to offer besides the demo bundle"),
+    models: Path | None = typer.Option(None, "--models", help="folder of bundles to offer besides the demo bundle"),
     address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0 for all)"),
 ) -> None:
     """Start the Streamlit app (from a source checkout)."""

@@ -12,8 +12,9 @@ site, ...) are added with :meth:`ConditionSchema.with_extra_columns`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 

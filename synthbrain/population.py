@@ -9,8 +9,9 @@ It is saved in the bundle's config.json and used by trajectories and the ageing 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -33,10 +33,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -288,8 +288,8 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
     ``derivatives/phantom/sub-<id>/anat/sub-<id>_space-MNI152NLin2009aSym_res-<r>_dseg.nii.gz``.
     """
     from synthbrain import __version__
-    from synthbrain.errors import ConfigError
     from synthbrain.data.bids import tsv_text
+    from synthbrain.errors import ConfigError
     from synthbrain.io import Volume, atomic_write, write_volume
 
     if n < 1:

@@ -5,16 +5,25 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from synthbrain.errors import ConfigError
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLossConfig
-from synthbrain.training.loop import (DistContext, TrainConfig, Trainer, dataclass_from_dict, distributed,
-                                      load_config_file, pick_device, unwrap)
+from synthbrain.training.loop import (
+    DistContext,
+    TrainConfig,
+    Trainer,
+    config_sections,
+    distributed,
+    load_config_file,
+    pick_device,
+    unwrap,
+)
 
 OnStep = Callable[[int, int, dict], None]
 RESTART_EVERY = 20  # steps between dead-code restarts
@@ -31,14 +40,7 @@ class AutoencoderTraining:
 
     @classmethod
     def from_dict(cls, d: dict) -> AutoencoderTraining:
-        unknown = set(d) - {"train", "model", "loss"}
-        if unknown:
-            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected train, model, loss")
-        base = cls()
-        train = dataclass_from_dict(TrainConfig, {**base.train.to_dict(), **d.get("train", {})}, "train")
-        model = dataclass_from_dict(AutoencoderConfig, {**base.model.to_dict(), **d.get("model", {})}, "model")
-        loss = dataclass_from_dict(AutoencoderLossConfig, {**base.loss.to_dict(), **d.get("loss", {})}, "loss")
-        return cls(train, model, loss)
+        return config_sections(cls, d)
 
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "model": self.model.to_dict(), "loss": self.loss.to_dict()}

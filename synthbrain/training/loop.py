@@ -18,9 +18,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -71,6 +72,24 @@ def dataclass_from_dict(cls, d: dict | None, what: str):
         if f.name in d and isinstance(d[f.name], list):
             d[f.name] = tuple(d[f.name])
     return cls(**d)
+
+
+def config_sections(cls, d: dict):
+    """Build a stage's training config (a dataclass whose fields are config dataclasses or scalars)
+    from a JSON dict: each section overrides the defaults field by field; unknown keys are refused."""
+    base = cls()
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config sections {unknown}; expected {', '.join(names)}")
+    values = {}
+    for name in names:
+        default = getattr(base, name)
+        if hasattr(default, "to_dict"):
+            values[name] = dataclass_from_dict(type(default), {**default.to_dict(), **d.get(name, {})}, name)
+        else:
+            values[name] = type(default)(d.get(name, default))
+    return cls(**values)
 
 
 @dataclass

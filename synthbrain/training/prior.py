@@ -9,17 +9,23 @@ exponential moving average of the weights (``torch.optim.swa_utils``), as is usu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from synthbrain.errors import ConfigError
 from synthbrain.models.prior import Prior, PriorConfig
 from synthbrain.training.autoencoder import command_line, resolve_config
-from synthbrain.training.loop import (DistContext, TrainConfig, Trainer, dataclass_from_dict, distributed,
-                                      pick_device, unwrap)
+from synthbrain.training.loop import (
+    DistContext,
+    TrainConfig,
+    Trainer,
+    config_sections,
+    distributed,
+    pick_device,
+    unwrap,
+)
 
 OnStep = Callable[[int, int, dict], None]
 
@@ -34,13 +40,7 @@ class PriorTraining:
 
     @classmethod
     def from_dict(cls, d: dict) -> PriorTraining:
-        unknown = set(d) - {"train", "model", "ema_decay"}
-        if unknown:
-            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected train, model, ema_decay")
-        base = cls()
-        train = dataclass_from_dict(TrainConfig, {**base.train.to_dict(), **d.get("train", {})}, "train")
-        model = dataclass_from_dict(PriorConfig, {**base.model.to_dict(), **d.get("model", {})}, "model")
-        return cls(train, model, float(d.get("ema_decay", base.ema_decay)))
+        return config_sections(cls, d)
 
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "model": self.model.to_dict(), "ema_decay": self.ema_decay}
@@ -139,7 +139,14 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
                 resume: bool = False, config_file: Path | None = None, device: str | None = None,
                 on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
     """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
-    from synthbrain.bundle import copy_bundle, load_bundle, read_config, save_weights, update_metrics, write_config
+    from synthbrain.bundle import (
+        copy_bundle,
+        load_bundle,
+        read_config,
+        save_weights,
+        update_metrics,
+        write_config,
+    )
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
     from synthbrain.io import atomic_write
     from synthbrain.model_card import write_model_card
