@@ -177,15 +177,28 @@ def load_bundle(path: str | Path | None = None, device: str = "cpu",
     return bundle
 
 
+WEIGHTS_DTYPE = "float16"  # halves the shipped bundle; networks run in float32 after loading
+
+
 def save_weights(path: Path, component: str, model, config: dict) -> str:
-    """Write ``<component>.safetensors`` (config in the metadata); returns its sha256."""
+    """Write ``<component>.safetensors`` (floating tensors as float16, the config in the metadata);
+    returns its sha256. The bundle *is* these weights: every figure in metrics.json is measured on a
+    model loaded from them."""
+    import torch
     from safetensors.torch import save_file
 
     from synthbrain.io import atomic_write
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    def small(v: torch.Tensor) -> torch.Tensor:
+        # large statistics (the codebook's EMA counts) would overflow float16: they stay float32
+        if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < 1e4):
+            return v.to(getattr(torch, WEIGHTS_DTYPE))
+        return v
+
+    state = {k: small(v.detach().cpu()).contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{component}.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "component": component, "config": json.dumps(config)})
+    save_file(state, str(tmp), metadata={"format": "pt", "component": component, "config": json.dumps(config),
+                                         "dtype": WEIGHTS_DTYPE})
     atomic_write(path / f"{component}.safetensors", tmp.read_bytes())
     tmp.unlink()
     return sha256_file(path / f"{component}.safetensors")

@@ -1,0 +1,10 @@
+"""SynthBrain app: `streamlit run app.py` (or `synthbrain app`). Page config and navigation only."""
+
+import streamlit as st
+
+st.set_page_config(page_title="SynthBrain", page_icon=":material/neurology:", layout="wide")
+st.navigation([
+    st.Page("app_pages/generate.py", title="Generate", icon=":material/neurology:", default=True),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/model.py", title="Model", icon=":material/description:"),
+]).run()

@@ -1,0 +1,46 @@
+"""Model: the bundle's card, configuration, metrics and, where the bundle has them, training curves."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app_support import common
+
+bundle = common.current_bundle()
+st.title(f"Model: {bundle.name}")
+st.caption(f"Bundle folder: `{bundle.path}` · grid {bundle.grid.name} "
+           f"({' x '.join(map(str, bundle.grid.shape))} at {bundle.grid.spacing:g} mm)")
+if common.is_phantom(bundle):
+    st.info(common.PHANTOM_NOTE, icon=":material/info:")
+
+card, config, metrics, curves = st.tabs(["Model card", "Configuration", "Metrics", "Training curves"])
+with card:
+    st.markdown(bundle.card or "_This bundle has no MODEL_CARD.md._")
+with config:
+    st.markdown("**Conditions**")
+    st.dataframe(pd.DataFrame([{"name": c.name, "label": c.label, "unit": c.unit, "kind": c.kind,
+                                "range": c.range_text, "default": str(c.default)} for c in bundle.schema]),
+                 hide_index=True, key="model_conditions")
+    st.markdown("**config.json**")
+    st.json(bundle.config, expanded=1)
+with metrics:
+    if bundle.metrics:
+        st.json(bundle.metrics, expanded=2)
+    else:
+        st.markdown("_No metrics.json in this bundle yet (`synthbrain evaluate` writes it)._")
+with curves:
+    from synthbrain.training.loop import read_metrics
+
+    files = sorted(bundle.path.glob("**/metrics.csv")) if bundle.path else []
+    if not files:
+        st.markdown("_This bundle ships no training log (metrics.csv); the curves are in the training run's folder._")
+    for f in files:
+        import plotly.express as px
+
+        rows = pd.DataFrame(read_metrics(f))
+        st.markdown(f"`{f.relative_to(bundle.path)}`")
+        for name, part in rows.groupby("name"):
+            fig = px.line(part, x="step", y="value", color="split", title=name, markers=len(part) < 50)
+            fig.update_layout(height=280, margin=dict(l=10, r=10, t=40, b=10))
+            st.plotly_chart(fig, key=f"curve_{f}_{name}")

@@ -1,0 +1,1 @@
+"""Streamlit-side helpers of the SynthBrain app (the library, synthbrain/, never imports streamlit)."""

@@ -1,0 +1,211 @@
+"""What every page shares: the model bundle (loaded once per process), the lock that serialises model
+calls, condition widgets built from the bundle's schema, a progress bar for ``on_step``, and errors.
+
+Configuration (environment, so that ``synthbrain app`` and tests can set it):
+    SYNTHBRAIN_BUNDLE   bundle folder to open first (default: the demo bundle shipped in the package)
+    SYNTHBRAIN_MODELS   folder whose sub-folders are bundles to choose from in the sidebar
+    SYNTHBRAIN_DEVICE   torch device for the models (default: cuda when available, else cpu)
+
+One user's inputs and results live only in ``st.session_state``; the shared caches hold the bundle,
+the generator and results computed from built-in data (the template, phantom subjects), never an
+upload.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from synthbrain.errors import SynthBrainError
+
+BUNDLE_STATE = "bundle_path"
+
+
+# ------------------------------------------------------------------------------------------ bundles
+
+
+@dataclass(frozen=True)
+class BundleChoice:
+    path: str
+    label: str
+
+
+def demo_path() -> str:
+    from synthbrain.bundle import demo_bundle_path
+
+    return str(demo_bundle_path())
+
+
+def bundle_choices() -> list[BundleChoice]:
+    """The bundles a user can pick: SYNTHBRAIN_BUNDLE (or the demo bundle) first, then every folder in
+    SYNTHBRAIN_MODELS with a readable config.json (unreadable ones are left out)."""
+    from synthbrain.bundle import read_config
+
+    first = os.environ.get("SYNTHBRAIN_BUNDLE") or demo_path()
+    paths = [first] + ([demo_path()] if first != demo_path() else [])
+    models = os.environ.get("SYNTHBRAIN_MODELS")
+    if models and Path(models).is_dir():
+        paths += sorted(str(p) for p in Path(models).iterdir() if (p / "config.json").is_file())
+    out, seen = [], set()
+    for p in paths:
+        real = str(Path(p).resolve())
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            name = read_config(p).get("name") or Path(p).name
+        except SynthBrainError:
+            if p == first:  # the configured bundle: keep it, so the page can say what is wrong with it
+                name = Path(p).name
+            else:
+                continue
+        out.append(BundleChoice(p, f"{name} (shipped demo)" if real == str(Path(demo_path()).resolve()) else name))
+    return out
+
+
+def device() -> str:
+    import torch
+
+    return os.environ.get("SYNTHBRAIN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@st.cache_resource(show_spinner="Loading the model bundle…")
+def load_bundle_cached(path: str, device: str):
+    """One loaded bundle per (folder, device) for the whole server process."""
+    from synthbrain.bundle import load_bundle
+
+    return load_bundle(path, device=device)
+
+
+@st.cache_resource(show_spinner=False)
+def generator_cached(path: str, device: str):
+    from synthbrain.sampling import Generator
+
+    return Generator(load_bundle_cached(path, device), device=device)
+
+
+@st.cache_resource
+def model_lock() -> threading.Lock:
+    """One lock for every model call in the process: the networks are shared, not thread-safe, and
+    two sessions sampling at once on 2 cores would each take twice as long anyway."""
+    return threading.Lock()
+
+
+@contextmanager
+def models_busy(waiting: str = "Another session is using the model; waiting for it to finish…") -> Iterator[None]:
+    lock = model_lock()
+    if not lock.acquire(blocking=False):
+        note = st.empty()
+        note.info(waiting)
+        lock.acquire()
+        note.empty()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def bundle_sidebar() -> str:
+    """The sidebar's bundle picker; returns the chosen bundle folder (kept across pages)."""
+    choices = bundle_choices()
+    paths = [c.path for c in choices]
+    current = st.session_state.get(BUNDLE_STATE)
+    index = paths.index(current) if current in paths else 0
+    if len(choices) > 1:
+        labels = {c.path: c.label for c in choices}
+        chosen = st.sidebar.selectbox("Model bundle", paths, index=index, format_func=labels.__getitem__,
+                                      help="Bundles found in SYNTHBRAIN_MODELS")
+    else:
+        chosen = paths[0]
+        st.sidebar.caption(f"Model bundle: **{choices[0].label}**")
+    st.session_state[BUNDLE_STATE] = chosen
+    return chosen
+
+
+def current_bundle():
+    """The chosen bundle, loaded (cached); shows the error and stops the page if it cannot load."""
+    path = bundle_sidebar()
+    try:
+        return load_bundle_cached(path, device())
+    except SynthBrainError as e:
+        st.error(str(e))
+        st.stop()
+
+
+def is_phantom(bundle) -> bool:
+    """Whether the bundle was trained on the phantom cohort (its data fingerprint says so)."""
+    return any(bool(bundle.config.get(part, {}).get("data_fingerprint", {}).get("phantom"))
+               for part in ("autoencoder", "prior"))
+
+
+PHANTOM_NOTE = ("This demo model was trained on a **phantom** cohort: the MNI152 template deformed by a simple "
+                "ageing model. It has seen one anatomy, not a population; what it shows about ageing is the "
+                "phantom's, not a real brain's.")
+
+
+# ----------------------------------------------------------------------------------------- widgets
+
+
+def _step(low: float, high: float) -> float:
+    span = high - low
+    return 1.0 if span >= 50 else 0.5 if span >= 10 else float(f"{span / 100:.1g}")
+
+
+def initial_value(c) -> float | str:
+    """A condition's default as its widget starts: continuous values snapped to the slider's step."""
+    if c.kind != "continuous":
+        return c.default
+    step = _step(c.low, c.high)
+    return float(min(c.high, max(c.low, c.low + round((c.default - c.low) / step) * step)))
+
+
+def current_value(c, key: str) -> float | str:
+    """The value the widget of condition ``c`` (made with ``condition_inputs(key=key)``) will return."""
+    return st.session_state.get(f"{key}_{c.name}", initial_value(c))
+
+
+def condition_inputs(schema, *, key: str, disabled: tuple[str, ...] = (),
+                     values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One widget per condition of ``schema``, in real units: a slider over [low, high] for a
+    continuous condition (unit in the label), a radio for a binary one, a select box for a
+    categorical one. Widgets named in ``disabled`` are greyed out and show ``values`` instead."""
+    out: dict[str, Any] = {}
+    for c in schema:
+        label = f"{c.label} ({c.unit})" if c.unit else c.label
+        wkey = f"{key}_{c.name}"
+        off = c.name in disabled
+        st.session_state.setdefault(wkey, initial_value(c))
+        if c.kind == "continuous":
+            if off and values and values.get(c.name) is not None:
+                st.session_state[wkey] = float(values[c.name])
+            step = _step(c.low, c.high)
+            out[c.name] = st.slider(label, float(c.low), float(c.high), step=step, key=wkey, disabled=off,
+                                    format="%.0f" if step >= 1 else "%.1f" if step >= 0.1 else "%g",
+                                    help=c.description or None)
+        else:
+            widget = st.radio if c.kind == "binary" else st.selectbox
+            extra = {"horizontal": True} if c.kind == "binary" else {}
+            out[c.name] = widget(label, list(c.categories), key=wkey, disabled=off, help=c.description or None, **extra)
+    return out
+
+
+def progress_callback(text: str) -> tuple[Any, Callable[[int, int, dict], None]]:
+    """An ``st.progress`` bar and the ``on_step(i, n, info)`` callback that moves it."""
+    bar = st.progress(0.0, text=text)
+
+    def on_step(i: int, n: int, info: dict | None = None) -> None:
+        bar.progress(min(max(i / max(n, 1), 0.0), 1.0), text=f"{text} step {i} of {n}")
+
+    return bar, on_step
+
+
+def show_error(error: SynthBrainError) -> None:
+    """A library error as the one-line message the library wrote, never a traceback."""
+    st.error(str(error), icon=":material/error:")

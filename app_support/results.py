@@ -1,0 +1,205 @@
+"""Results as the pages keep and show them: a generated sample with what was measured on it and its
+display files, a reconstruction with its display files. Built once per result (in the page's
+session state or, for built-in scans, a shared cache), then drawn on every rerun for free."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from app_support.viewer import Layer, Panel, Surface
+from synthbrain.errors import InvalidVolumeError
+from synthbrain.io import Volume, to_nifti_bytes
+
+DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
+
+
+def base_layer(display: bytes, name: str, label: str = "") -> Layer:
+    # volumes are normalised to [0, 1]; one fixed window keeps panels and samples comparable
+    return Layer(display, name=name, label=label, cal_min=0.0, cal_max=0.9)
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+@dataclass(eq=False)
+class GalleryItem:
+    """One sample of this session. Only the display file is made with the sample; what is measured
+    on it, its surfaces and its thumbnail are made the first time the page asks for them (so the
+    slices are on screen before the 3D view is built) and then kept."""
+
+    number: int
+    sample: object                 # synthbrain.sampling.Sample
+    bundle: object = field(repr=False)
+    display: bytes = b""           # gzip NIfTI for the viewer
+
+    @property
+    def volume(self) -> Volume:
+        return self.sample.volume
+
+    @cached_property
+    def measurement(self) -> tuple[dict | None, str | None]:
+        """({brain_volume, ventricular_volume, intracranial_volume} in mL, None) or (None, why not)."""
+        from synthbrain.measure import measure_volume
+
+        try:
+            m = measure_volume(self.volume, self.bundle.grid)
+        except InvalidVolumeError as e:
+            return None, str(e)
+        return {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
+                "intracranial_volume": m.intracranial_volume}, None
+
+    @property
+    def measured(self) -> dict | None:
+        return self.measurement[0]
+
+    @property
+    def measure_error(self) -> str | None:
+        return self.measurement[1]
+
+    @property
+    def sidecar(self) -> dict:
+        from synthbrain.sampling import sample_sidecar
+
+        measured = {f"{k}_mL": v for k, v in self.measured.items()} if self.measured else {"error": self.measure_error}
+        return sample_sidecar(self.sample, self.bundle, {"Measured": measured})
+
+    @cached_property
+    def surface_set(self) -> tuple[tuple[Surface, ...], str | None]:
+        """(brain and ventricle surfaces for the viewer, a note when the ventricles were not found)."""
+        from synthbrain.viz.surfaces import BRAIN_RGBA, brain_surfaces, to_mz3
+
+        surf = brain_surfaces(self.volume, self.bundle.grid)
+        translucent = len(surf.meshes) > 1  # see the ventricles through the brain
+        return tuple(Surface(to_mz3(m), name=f"{m.name}.mz3", rgba=m.rgba,
+                             opacity=0.4 if translucent and m.rgba == BRAIN_RGBA else 1.0)
+                     for m in surf.meshes), surf.note
+
+    @cached_property
+    def thumbnail(self) -> bytes:
+        from synthbrain.viz.slices import orthogonal_png
+
+        return orthogonal_png(self.volume, width_px=420, annotate=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the item holds (the volume and its display files)."""
+        extra = len(self.__dict__.get("thumbnail", b""))
+        if "surface_set" in self.__dict__:
+            extra += sum(len(x.data) for x in self.surface_set[0])
+        return self.volume.data.nbytes + len(self.display) + extra
+
+    def describe(self, schema) -> str:
+        parts = []
+        for c in schema:
+            v = self.sample.conditions.get(c.name)
+            name = c.label.lower()
+            parts.append(f"{name} {v:g} {c.unit}".strip() if isinstance(v, float) else f"{name} {v}")
+        return ", ".join(parts)
+
+    def short(self, schema) -> str:
+        """Values only, units abbreviated: '66 y, F, 27 mL, 1047 mL'."""
+        parts = []
+        for c in schema:
+            v = self.sample.conditions.get(c.name)
+            unit = {"years": "y"}.get(c.unit, c.unit)
+            parts.append(f"{v:.0f} {unit}".strip() if isinstance(v, float) else str(v))
+        return ", ".join(parts)
+
+    @property
+    def stem(self) -> str:
+        return (f"sub-synth{self.number:04d}_seed-{self.sample.seed}_space-MNI152NLin2009aSym_"
+                f"res-{self.bundle.grid.res_label}_T1w")
+
+    def panel(self, title: str, flex: float = 1.0) -> Panel:
+        return Panel(title, layers=(base_layer(self.display, f"{self.stem}.nii.gz"),), flex=flex)
+
+    def surface_panel(self, title: str = "") -> Panel | None:
+        surfaces = self.surface_set[0]
+        return Panel(title, surfaces=surfaces, view="render") if surfaces else None
+
+
+def make_item(number: int, sample, bundle) -> GalleryItem:
+    """A fresh sample as the page keeps it (its display file made now, ~30 ms on the demo grid)."""
+    from synthbrain.viz.display import display_nifti_bytes
+
+    return GalleryItem(number=number, sample=sample, bundle=bundle,
+                       display=display_nifti_bytes(sample.volume, "SynthBrain SYNTHETIC T1w (display)"))
+
+
+def sample_zip(item: GalleryItem) -> bytes:
+    """The sample's NIfTI (float32, [0, 1]) and JSON sidecar in one zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        nifti = to_nifti_bytes(item.volume, description="SynthBrain SYNTHETIC T1w (not a person)")
+        z.writestr(f"{item.stem}.nii.gz", nifti)
+        z.writestr(f"{item.stem}.json", json.dumps(item.sidecar, indent=2, default=float) + "\n")
+    return buf.getvalue()
+
+
+def sample_png(item: GalleryItem, schema) -> bytes:
+    from synthbrain.sampling import SYNTHETIC_NOTE
+    from synthbrain.viz.slices import orthogonal_png
+
+    return orthogonal_png(item.volume, title=f"Sample {item.number}: {item.describe(schema)} (seed {item.sample.seed})",
+                          footer=SYNTHETIC_NOTE)
+
+
+# --------------------------------------------------------------------------------- reconstruction
+
+
+@dataclass(frozen=True, eq=False)
+class CompareResult:
+    """A scan's reconstruction and its display files; ``key`` names the source it came from."""
+
+    key: str
+    label: str
+    recon: object                  # synthbrain.reconstruction.Reconstruction
+    original_display: bytes
+    recon_display: bytes
+    diff_display: bytes
+    details: str = ""
+
+    def panels(self, opacity: float, threshold: float) -> list[Panel]:
+        diff = Layer(self.diff_display, name="difference.nii.gz", label="difference", colormap=DIFF_COLORMAPS[0],
+                     colormap_negative=DIFF_COLORMAPS[1], opacity=opacity, cal_min=threshold,
+                     cal_max=max(0.25, threshold * 2))
+        return [Panel("Original (preprocessed)", layers=(base_layer(self.original_display, "original.nii.gz"),),
+                      show_render=True),
+                Panel("Reconstruction (VQ-VAE) + difference", layers=(
+                    base_layer(self.recon_display, "reconstruction.nii.gz"), diff), show_render=True)]
+
+
+def make_compare(key: str, label: str, recon, details: str = "") -> CompareResult:
+    from synthbrain.viz.display import display_nifti_bytes
+
+    return CompareResult(key=key, label=label, recon=recon,
+                         original_display=display_nifti_bytes(recon.original, "original (display)"),
+                         recon_display=display_nifti_bytes(recon.reconstruction, "reconstruction (display)"),
+                         diff_display=display_nifti_bytes(recon.difference, "reconstruction - original"),
+                         details=details)
+
+
+def metrics_rows(recon) -> list[dict]:
+    m = recon.metrics
+    rows = [("PSNR", m.get("psnr"), "dB", "whole volume; higher is better"),
+            ("PSNR in the brain", m.get("psnr_brain"), "dB", "brain voxels only"),
+            ("SSIM", m.get("ssim"), "", "structural similarity, 1 = identical"),
+            ("MS-SSIM", m.get("ms_ssim"), "", "multi-scale SSIM, 1 = identical"),
+            ("MAE", m.get("mae"), "", "mean absolute error, intensities in [0, 1]")]
+    return [{"Metric": n, "Value": round(float(v), 4), "Unit": u, "Meaning": d} for n, v, u, d in rows if v is not None]
+
+
+def compression_rows(recon) -> list[dict]:
+    c = recon.compression
+    rows = [{"Figure": "Latent grid (channels x X x Y x Z)", "Value": " x ".join(str(n) for n in c["latent_shape"])},
+            {"Figure": "Latent values per voxel", "Value": f"{100 * c['latent_values_per_voxel']:.3f} %"},
+            {"Figure": "Code bits / bits of a 16-bit volume",
+             "Value": f"{100 * c['latent_bits_per_volume_bits']:.3f} %"}]
+    if c.get("latent_bits_per_volume_bits"):
+        rows.append({"Figure": "Compression ratio (16-bit volume : codes)",
+                     "Value": f"{1 / c['latent_bits_per_volume_bits']:.0f} : 1"})
+    return rows

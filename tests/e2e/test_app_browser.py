@@ -1,0 +1,146 @@
+"""End to end: the app in a real Chromium against a real server. Generate a brain and see it drawn;
+reconstruct an uploaded scan with the crosshair locked across the panels; a bad file's message.
+
+The tests run in file order against one fresh server (the first one checks a fresh server's very
+first visit)."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+
+import numpy as np
+import pytest
+
+from .e2e_helpers import assert_drawn, canvas_pixels, viewer_frame, wait_for_script
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_a_deep_link_on_a_fresh_server_gets_the_app(page, server):
+    # Streamlit treats an app with a folder named pages/ as an old-style multipage app until the
+    # entry script has run once: a first visitor of /compare would get pages without app.py.
+    page.goto(server.url + "/compare")
+    page.get_by_text("Compare a scan with its reconstruction").wait_for()
+    wait_for_script(page)
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert [line for line in nav.splitlines() if line.strip() in ("Generate", "Compare", "Model")] == [
+        "Generate", "Compare", "Model"]
+    assert "app" not in nav.split()
+
+
+def test_generate_draws_the_brain(page, server):
+    page.goto(server.url)
+    page.get_by_text("Generate a synthetic brain").wait_for()
+    wait_for_script(page)
+    assert "not a scan of any person" in page.inner_text("body")
+
+    age = page.locator('[data-testid="stSlider"]').filter(has_text="Age (years)").locator("input[type=range]")
+    start = float(age.input_value())
+    age.focus()
+    for _ in range(5):
+        age.press("ArrowRight")
+    wait_for_script(page)
+    assert float(age.input_value()) == start + 5
+
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text("Sample 1", exact=True).wait_for(timeout=120_000)
+    wait_for_script(page)
+    assert f"age {start + 5:g} years" in page.inner_text("body")  # the moved slider reached the sampler
+
+    frame = viewer_frame(page)
+    page.wait_for_timeout(500)  # one more animation frame after the files are in
+    page.screenshot(path="/tmp/synthbrain-e2e-generate.png")
+    assert_drawn(canvas_pixels(frame.locator('canvas[data-panel="0"]')), "slice viewer")
+    assert_drawn(canvas_pixels(viewer_frame(page, 1).locator('canvas[data-panel="0"]')), "3D view")
+
+    # the NIfTI download (made on click) holds the volume and its sidecar
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="NIfTI + JSON sidecar (.zip)").click()
+    with zipfile.ZipFile(dl.value.path()) as z:
+        names = z.namelist()
+        assert sorted(n.rsplit(".", 2)[-2:] == ["nii", "gz"] or n.endswith(".json") for n in names) == [True, True]
+        sidecar = json.loads(z.read(next(n for n in names if n.endswith(".json"))))
+    assert sidecar["Synthetic"] is True and sidecar["Conditions"]["age"] == start + 5
+
+    # click-to-navigate: the crosshair moves and the readout gives mm, voxel and intensity
+    readout = frame.locator('[data-readout="0"]')
+    before = readout.inner_text()
+    mm = r"\(-?\d+\.\d, -?\d+\.\d, -?\d+\.\d\) mm"
+    assert re.search(mm + r" · voxel \[\d+, \d+, \d+\] · intensity \d\.\d+", before), before
+    box = frame.locator('canvas[data-panel="0"]').bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.3)
+    page.wait_for_timeout(500)
+    assert readout.inner_text() != before
+
+    # window/level: a lower level makes the same slices brighter
+    canvas = frame.locator('canvas[data-panel="0"]')
+    brightness = canvas_pixels(canvas).mean()
+    frame.locator("[data-control=level]").evaluate("e => { e.value = e.min; e.dispatchEvent(new Event('input')); }")
+    page.wait_for_timeout(500)
+    assert canvas_pixels(canvas).mean() > brightness + 5
+    # radiological convention mirrors left and right
+    plain = canvas_pixels(canvas)
+    frame.locator("[data-control=radiological]").check()
+    page.wait_for_timeout(500)
+    assert np.abs(canvas_pixels(canvas).astype(int) - plain).mean() > 2
+
+
+def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_path):
+    from synthbrain.data.template import load_template
+    from synthbrain.grids import DEMO
+    from synthbrain.io import Volume, write_volume
+
+    scan = write_volume(tmp_path / "my_scan.nii.gz", Volume(load_template(DEMO).t1 * 900.0, DEMO.affine),
+                        description="test scan")
+    page.goto(server.url + "/compare")
+    page.get_by_text("Compare a scan with its reconstruction").wait_for()
+    wait_for_script(page)
+    page.get_by_text("Upload a NIfTI").click()
+    wait_for_script(page)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(scan))
+    page.get_by_text("my_scan.nii.gz: 80 x 112 x 80 voxels").wait_for()
+    wait_for_script(page)
+    page.get_by_role("button", name="Reconstruct").click()
+    page.get_by_text("Reconstruction quality").wait_for(timeout=120_000)
+    wait_for_script(page)
+
+    table = page.locator('[data-testid="stTable"]').first.inner_text()
+    for name in ("PSNR", "SSIM", "MS-SSIM", "MAE"):
+        assert name in table
+    psnr = float(re.search(r"PSNR\s+([\d.]+)\s+dB", table).group(1))
+    assert 5 < psnr < 80
+    assert "Latent values per voxel" in page.locator('[data-testid="stTable"]').nth(1).inner_text()
+
+    frame = viewer_frame(page)
+    page.wait_for_timeout(500)
+    page.screenshot(path="/tmp/synthbrain-e2e-compare.png")
+    for i in (0, 1):
+        assert_drawn(canvas_pixels(frame.locator(f'canvas[data-panel="{i}"]')), f"panel {i}")
+    # a click in the reconstruction moves the original's crosshair to the same point
+    box = frame.locator('canvas[data-panel="1"]').bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.wait_for_timeout(700)
+    left, right = (frame.locator(f'[data-readout="{i}"]') for i in (0, 1))
+    mm_left, mm_right = (np.array(json.loads(r.get_attribute("data-mm"))) for r in (left, right))
+    np.testing.assert_allclose(mm_left, mm_right, atol=1e-3)
+    assert "difference" in right.inner_text()
+
+
+def test_compare_bad_upload_shows_the_error(page, server, tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"definitely not a brain" * 10)
+    page.goto(server.url + "/compare")
+    page.get_by_text("Compare a scan with its reconstruction").wait_for()
+    wait_for_script(page)
+    page.get_by_text("Upload a NIfTI").click()
+    wait_for_script(page)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
+    alert = page.locator('[data-testid="stAlert"]').filter(has_text="broken.nii.gz:")
+    alert.wait_for()
+    text = alert.inner_text()
+    assert "gzip" in text or "trailer" in text or "truncated" in text, text
+    body = page.inner_text("body")
+    assert "Traceback" not in body
+    assert page.get_by_role("button", name="Reconstruct").is_disabled()
