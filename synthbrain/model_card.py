@@ -64,7 +64,7 @@ def render_model_card(bundle_dir: Path) -> str:
         lines += [f"## {stage.capitalize()}", "",
                   f"- trained for {s.get('steps_trained')} steps, seed {s.get('seed')}",
                   f"- data: {json.dumps(s.get('data_fingerprint', {}))}",
-                  f"- command: `{s.get('command', '')}`",
+                  "- commands:", *[f"  - `{c}`" for c in s.get("commands", [s.get("command", "")])],
                   f"- network config: `{json.dumps(s.get('config', {}))}`"]
         if "compression" in s:
             comp = s["compression"]

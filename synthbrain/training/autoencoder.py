@@ -146,6 +146,21 @@ def command_line() -> str:
     return "synthbrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def write_run_json(run_dir: Path, info: dict) -> None:
+    """run.json: what the run is, and every command that has worked on it (first run, resumes)."""
+    from synthbrain.io import atomic_write
+
+    path = run_dir / "run.json"
+    commands = json.loads(path.read_text()).get("commands", []) if path.is_file() else []
+    info = {**info, "command": command_line(), "commands": [*commands, command_line()]}
+    atomic_write(path, json.dumps(info, indent=2) + "\n")
+
+
+def run_commands(run_dir: Path) -> list[str]:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()).get("commands", []) if path.is_file() else []
+
+
 def resolve_config(run_dir: Path, resume: bool, config_file: Path | None, overrides: dict[str, Any],
                    cls=AutoencoderTraining):
     """The run's config: a resumed run keeps the one in run.json (only ``steps`` may grow)."""
@@ -166,7 +181,6 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
     from synthbrain.bundle import new_config, save_weights, update_metrics, write_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
-    from synthbrain.io import atomic_write
     from synthbrain.model_card import write_model_card
 
     run_dir = Path(out)
@@ -185,10 +199,9 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             probe.prepare()
-            atomic_write(run_dir / "run.json", json.dumps(
-                {"stage": "autoencoder", "command": command_line(), "data": str(Path(data).resolve()),
-                 "grid": grid, "config": cfg.to_dict(), "train_subjects": train_ids, "val_subjects": val_ids,
-                 "world_size": dist.world_size}, indent=2) + "\n")
+            write_run_json(run_dir, {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,
+                                     "config": cfg.to_dict(), "train_subjects": train_ids, "val_subjects": val_ids,
+                                     "world_size": dist.world_size})
         dist.barrier()
         train_vols = load_volumes(train_ds, range(len(train_ds)))
         val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
@@ -208,6 +221,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
             config["autoencoder"] = {
                 "config": cfg.model.to_dict(), "loss": cfg.loss.to_dict(), "train": cfg.train.to_dict(),
                 "steps_trained": trainer.step, "seed": cfg.train.seed, "command": command_line(),
+                "commands": run_commands(run_dir),
                 "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
                 "compression": cfg.model.compression(train_ds.grid.shape),
             }

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from synthbrain.models.prior import Prior, PriorConfig
-from synthbrain.training.autoencoder import command_line, resolve_config
+from synthbrain.training.autoencoder import command_line, resolve_config, run_commands, write_run_json
 from synthbrain.training.loop import (
     DistContext,
     TrainConfig,
@@ -148,7 +148,6 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
         write_config,
     )
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
-    from synthbrain.io import atomic_write
     from synthbrain.model_card import write_model_card
     from synthbrain.population import PopulationModel
 
@@ -166,10 +165,10 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
         train_ids, val_ids = split_subjects(full.labels, cfg.train.val_fraction, cfg.train.seed)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / "run.json", json.dumps(
-                {"stage": "prior", "command": command_line(), "bundle": str(Path(bundle).resolve()),
-                 "data": str(Path(data).resolve()), "config": cfg.to_dict(), "train_subjects": train_ids,
-                 "val_subjects": val_ids, "world_size": dist.world_size}, indent=2) + "\n")
+            write_run_json(run_dir, {"stage": "prior", "bundle": str(Path(bundle).resolve()),
+                                     "data": str(Path(data).resolve()), "config": cfg.to_dict(),
+                                     "train_subjects": train_ids, "val_subjects": val_ids,
+                                     "world_size": dist.world_size})
             full.prepare()
             cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
         dist.barrier()
@@ -194,7 +193,8 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
             config["prior"] = {
                 "config": cfg.model.to_dict(), "train": cfg.train.to_dict(), "ema_decay": cfg.ema_decay,
                 "latent_scale_factor": scale, "steps_trained": trainer.step, "seed": cfg.train.seed,
-                "command": command_line(), "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
+                "command": command_line(), "commands": run_commands(run_dir),
+                "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
                 "weights": "exponential moving average",
             }
             config["prior"]["sha256"] = save_weights(out_bundle, "prior", unwrap(stage.ema.module),
