@@ -158,6 +158,11 @@ def _step(low: float, high: float) -> float:
     return 1.0 if span >= 50 else 0.5 if span >= 10 else float(f"{span / 100:.1g}")
 
 
+def condition_step(c) -> float:
+    """The slider step of continuous condition ``c`` (1 for wide ranges, finer for narrow ones)."""
+    return _step(c.low, c.high)
+
+
 def initial_value(c) -> float | str:
     """A condition's default as its widget starts: continuous values snapped to the slider's step."""
     if c.kind != "continuous":
@@ -172,13 +177,14 @@ def current_value(c, key: str) -> float | str:
 
 
 def condition_inputs(schema, *, key: str, disabled: tuple[str, ...] = (),
-                     values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One widget per condition of ``schema``, in real units: a slider over [low, high] for a
-    continuous condition (unit in the label), a radio for a binary one, a select box for a
-    categorical one. Widgets named in ``disabled`` are greyed out and show ``values`` instead."""
+                     values: dict[str, Any] | None = None, label_suffix: str = "") -> dict[str, Any]:
+    """One widget per condition of ``schema`` (or of any sequence of conditions), in real units: a
+    slider over [low, high] for a continuous condition (unit in the label), a radio for a binary one,
+    a select box for a categorical one. Widgets named in ``disabled`` are greyed out and show
+    ``values`` instead; ``label_suffix`` ends every label (", start" / ", end" of a sweep)."""
     out: dict[str, Any] = {}
     for c in schema:
-        label = f"{c.label} ({c.unit})" if c.unit else c.label
+        label = (f"{c.label} ({c.unit})" if c.unit else c.label) + label_suffix
         wkey = f"{key}_{c.name}"
         off = c.name in disabled
         st.session_state.setdefault(wkey, initial_value(c))

@@ -65,7 +65,11 @@ class Bundle:
 
     @property
     def scale_factor(self) -> float:
-        return float(self.config.get("prior", {}).get("latent_scale_factor", 1.0))
+        """The latent scale factor the prior was trained with (saved once, never recomputed)."""
+        try:
+            return float(self.config["prior"]["latent_scale_factor"])
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{self.path}: config.json has no prior.latent_scale_factor") from None
 
     @property
     def population(self):
@@ -204,10 +208,25 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
     return sha256_file(path / f"{component}.safetensors")
 
 
+def _weights_stamp(config: dict) -> dict[str, str]:
+    return {c: config[c].get("sha256", "") for c in COMPONENTS if c in config}
+
+
 def write_config(path: Path, config: dict) -> None:
+    """Write config.json, and drop every metrics.json section measured on other weights (each
+    section carries the checksums of the weights it was measured on)."""
     from synthbrain.io import atomic_write
 
     atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
+    metrics_path = path / "metrics.json"
+    if metrics_path.is_file():
+        metrics = _read_json(metrics_path, "metrics.json")
+        stamp = _weights_stamp(config)
+        kept = {k: v for k, v in metrics.items()
+                if isinstance(v, dict) and v.get("weights_sha256")
+                and all(stamp.get(c) == h for c, h in v["weights_sha256"].items())}
+        if kept != metrics:
+            atomic_write(metrics_path, json.dumps(kept, indent=2) + "\n")
 
 
 def update_metrics(path: str | Path, section: str, values: dict) -> dict:
@@ -217,7 +236,9 @@ def update_metrics(path: str | Path, section: str, values: dict) -> dict:
     path = Path(path)
     p = path / "metrics.json"
     metrics = _read_json(p, "metrics.json") if p.is_file() else {}
-    metrics[section] = values
+    stamp = _weights_stamp(read_config(path))
+    used = ("autoencoder",) if section.startswith("autoencoder") else COMPONENTS
+    metrics[section] = {**values, "weights_sha256": {c: stamp[c] for c in used if c in stamp}}
     atomic_write(p, json.dumps(metrics, indent=2) + "\n")
     return metrics
 

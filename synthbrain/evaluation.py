@@ -18,7 +18,10 @@ def _eval_subjects(bundle, dataset, stage: str) -> tuple[list[int], bool]:
     """Indices to evaluate on: the stage's held-out subjects when the data holds them, else all."""
     held = set(bundle.config.get(stage, {}).get("val_subjects", []))
     idx = [i for i, s in enumerate(dataset.subjects) if s.label in held]
-    same_data = bundle.config.get(stage, {}).get("data_fingerprint", {}).get("name") == dataset.fingerprint()["name"]
+    # the same cohort: a generated one is named by the command that made it (seed, size, grid)
+    trained_on = bundle.config.get(stage, {}).get("data_fingerprint", {})
+    here = dataset.fingerprint()
+    same_data = (trained_on.get("generated_by") or trained_on.get("name")) == (here["generated_by"] or here["name"])
     if idx and same_data:
         return idx, True
     return list(range(len(dataset))), False
@@ -56,7 +59,9 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
                   latent_bits_per_volume_bits=comp["latent_bits_per_volume_bits"], latent_shape=comp["latent_shape"],
                   subjects=len(idx), held_out=held_out, data=ds.fingerprint()["name"],
                   seconds_per_volume_encode_decode=float(np.median(times)), device=device,
-                  units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)"})
+                  units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)"},
+                  per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in ("psnr", "ssim")}
+                               for i, r in zip(idx, rows)})
     update_metrics(bundle.path, "autoencoder", result)
     _refresh_card(bundle.path)
     return result
@@ -162,7 +167,9 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
     with torch.inference_mode():
         def features(vols: list[np.ndarray]) -> torch.Tensor:
             x = torch.from_numpy(np.stack(vols))[:, None]
-            return torch.cat([bundle.autoencoder.encode(x[i:i + 4]) for i in range(0, len(x), 4)]).flatten(1)
+            ae = gen.autoencoder  # on the generator's device
+            return torch.cat([ae.encode(x[i:i + 4].to(gen.device)).float().cpu()
+                              for i in range(0, len(x), 4)]).flatten(1)
 
         real_all = [ds.volume(i) for i in idx]
         f_real, f_syn = features(real_all), features(synth)

@@ -90,13 +90,17 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return _read_stream(f, path.name, compressed)
 
 
-def volume_from_bytes(data: bytes, name: str) -> Volume:
+UPLOAD_MAX_VOXELS = 64 * 1024**2  # ~0.7 mm isotropic whole head; a server must not inflate more per upload
+
+
+def volume_from_bytes(data: bytes, name: str, max_voxels: int | None = UPLOAD_MAX_VOXELS) -> Volume:
     """``read_volume`` for an in-memory file (a browser upload); ``name`` decides .nii or .nii.gz.
 
-    Nothing is written to disk.
+    Nothing is written to disk. ``max_voxels`` caps what a small compressed upload may inflate to
+    (each voxel becomes 4 bytes of float32, and more in temporaries).
     """
     name = Path(name).name  # an upload's name may carry a client path; messages show the name only
-    return _read_stream(io.BytesIO(data), name, _is_compressed(name))
+    return _read_stream(io.BytesIO(data), name, _is_compressed(name), max_voxels)
 
 
 def _is_compressed(name: str) -> bool:
@@ -113,7 +117,7 @@ def _failer(name: str) -> Callable[[str], InvalidVolumeError]:
     return lambda problem: InvalidVolumeError(f"{name}: " + " ".join(problem.split()))
 
 
-def _read_stream(f: BinaryIO, name: str, compressed: bool) -> Volume:
+def _read_stream(f: BinaryIO, name: str, compressed: bool, max_voxels: int | None = None) -> Volume:
     fail = _failer(name)
     size = f.seek(0, os.SEEK_END)
     if size == 0:
@@ -131,6 +135,9 @@ def _read_stream(f: BinaryIO, name: str, compressed: bool) -> Volume:
         head = f.read(max(_HEADERS))
     shape, dtype, vox_offset, affine, (slope, inter) = _parse_header(head, fail)
     expected = vox_offset + int(np.prod(shape)) * dtype.itemsize
+    if max_voxels is not None and int(np.prod(shape)) > max_voxels:
+        raise fail(f"{' x '.join(map(str, shape))} voxels is more than this server accepts "
+                   f"({max_voxels / 1024**2:.0f} M voxels); resample the scan first")
 
     if compressed:
         # The gzip trailer stores the uncompressed size mod 2**32: a cheap check against truncation

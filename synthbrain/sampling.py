@@ -80,6 +80,9 @@ class Generator:
         shape = self.prior.padded_shape
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
+    # The DDIM loop is MONAI's DiffusionInferer.sample loop (same scheduler.step calls, the same -1 fill
+    # for the unconditional half) written out, because the app and the CLI need what it cannot give:
+    # a progress callback, per-sample seeds, starting part-way for editing, and intermediate latents.
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, context: torch.Tensor, steps: int, guidance: float,
                 on_step: OnStep | None = None, offset: int = 0, total: int | None = None,
@@ -111,7 +114,7 @@ class Generator:
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Padded, scaled latent -> volumes (B, 1, X, Y, Z) in [0, 1] (through the codebook)."""
-        z = self.prior.crop(latent) / self.scale
+        z = self.prior.crop(latent.to(self.device)) / self.scale
         with _autocast(self.device):
             q = self.autoencoder.quantize_eval(z.float())
             vol = self.autoencoder.decode(q).float()
@@ -128,6 +131,15 @@ class Generator:
         vec = torch.from_numpy(np.stack([self.schema.encode(c) for c in full]))[:, None, :]
         return vec, full
 
+    def _steps_and_guidance(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        steps = int(steps or self.config.default_steps)
+        guidance = float(self.config.default_guidance if guidance is None else guidance)
+        if not 1 <= steps <= self.config.num_train_timesteps:
+            raise ConfigError(f"steps must be in 1..{self.config.num_train_timesteps}, got {steps}")
+        if not 0.0 <= guidance <= 20.0:
+            raise ConfigError(f"guidance must be in 0..20, got {guidance}")
+        return steps, guidance
+
     def sample(self, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None, n: int = 1,
                seed: int = 0, steps: int | None = None, guidance: float | None = None,
                on_step: OnStep | None = None, batch_size: int = 4) -> list[Sample]:
@@ -140,12 +152,7 @@ class Generator:
             raise ConfigError(f"got {len(conditions)} condition sets for n = {n}")
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
-        steps = int(steps or self.config.default_steps)
-        guidance = float(self.config.default_guidance if guidance is None else guidance)
-        if not 1 <= steps <= self.config.num_train_timesteps:
-            raise ConfigError(f"steps must be in 1..{self.config.num_train_timesteps}, got {steps}")
-        if not 0.0 <= guidance <= 20.0:
-            raise ConfigError(f"guidance must be in 0..20, got {guidance}")
+        steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context(conditions)
         t0 = time.perf_counter()
         out: list[Sample] = []
@@ -168,8 +175,7 @@ class Generator:
         subject stays recognisable while the conditions change."""
         if not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength must be in (0, 1], got {strength}")
-        steps = int(steps or self.config.default_steps)
-        guidance = float(self.config.default_guidance if guidance is None else guidance)
+        steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context([conditions])
         self.scheduler.set_timesteps(steps)
         start = min(steps - 1, int(round(steps * (1.0 - strength))))

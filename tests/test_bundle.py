@@ -119,8 +119,45 @@ def test_cli_reports_a_damaged_bundle_in_one_line(tiny_bundle, tiny_cohort, tmp_
     assert not (tmp_path / "rec.nii.gz").exists()
 
 
-def test_prior_config_must_match_weights():
-    with pytest.raises(Exception):
-        Prior(PriorConfig(channels=(16, 30), attention_levels=(False, True), norm_num_groups=16), (4, 4, 6, 4), 4)
+def test_network_configs_are_validated():
+    from synthbrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiples of norm_num_groups"):
+        PriorConfig(channels=(16, 30), attention_levels=(False, True), norm_num_groups=16)
     ae = AutoencoderConfig(channels=(4, 8, 8), num_res_channels=(4, 8, 8))
     assert ae.latent_shape((32, 48, 32)) == (4, 4, 6, 4)
+    with pytest.raises(ConfigError, match="not divisible by 8"):
+        ae.latent_shape((30, 48, 32))
+    assert Prior(PriorConfig(channels=(16, 32), attention_levels=(False, True), norm_num_groups=16),
+                 (4, 4, 6, 4), 4).padded_shape == (4, 4, 6, 4)
+
+
+def test_metrics_of_replaced_weights_are_dropped(tiny_bundle, tmp_path):
+    from synthbrain.bundle import save_weights, update_metrics, write_config
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    update_metrics(b, "autoencoder", {"psnr": 30.0})
+    update_metrics(b, "prior", {"seconds_per_sample": 1.0})
+    cfg = read_config(b)
+    bundle = load_bundle(b)
+    with torch.no_grad():
+        for p in bundle.prior.parameters():
+            p.add_(0.01)  # "retrained" prior
+    cfg["prior"]["sha256"] = save_weights(b, "prior", bundle.prior, cfg["prior"]["config"])
+    write_config(b, cfg)
+    metrics = json.loads((b / "metrics.json").read_text())
+    assert "autoencoder" in metrics and "prior" not in metrics  # the autoencoder did not change
+
+
+def test_bundle_weights_equal_the_trained_network(tiny_bundle):
+    """The bundle holds the final checkpoint's weights (as float16), not some other tensors."""
+    from safetensors.torch import load_file
+
+    from synthbrain.training.checkpoint import list_checkpoints
+
+    run = tiny_bundle.parent.parent / "ae"
+    ckpt = load_file(str(list_checkpoints(run)[-1] / "tensors.safetensors"))
+    model = load_bundle(tiny_bundle).autoencoder
+    for k, v in model.state_dict().items():
+        trained = ckpt[f"net/autoencoder/{k}"]
+        torch.testing.assert_close(v, trained.to(v.dtype), rtol=2e-3, atol=1e-4, msg=k)

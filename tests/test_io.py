@@ -115,7 +115,7 @@ def test_singleton_trailing_dims_are_squeezed(tmp_path, nifti, shape):
 
 
 def _from_bytes(path):
-    return volume_from_bytes(path.read_bytes(), path.name)
+    return volume_from_bytes(path.read_bytes(), path.name, max_voxels=None)  # the same checks as a file
 
 
 @pytest.mark.parametrize("reader", [read_volume, _from_bytes], ids=["file", "bytes"])
@@ -250,3 +250,20 @@ def test_to_nifti_bytes(compress):
     np.testing.assert_array_equal(vol.data, data)
     assert to_nifti_bytes(Volume(data, AFFINE), description="download", compress=compress) == blob
     assert os.path.basename(vol.source) == vol.source
+
+
+def test_upload_voxel_cap_refuses_a_small_file_that_inflates_hugely(tmp_path):
+    """1024 x 1024 x 64 int16 of zeros gzips to ~0.1 MB but would be 256 MB of float32 in the server."""
+    import gzip
+
+    import nibabel as nib
+
+    from synthbrain.io import UPLOAD_MAX_VOXELS
+
+    img = nib.Nifti1Image(np.zeros((1024, 1024, 80), np.int16), np.eye(4))
+    raw = gzip.compress(img.to_bytes(), compresslevel=1)
+    assert len(raw) < 2_000_000
+    with pytest.raises(InvalidVolumeError, match="more than this server accepts"):
+        volume_from_bytes(raw, "big.nii.gz", max_voxels=UPLOAD_MAX_VOXELS)
+    small = gzip.compress(nib.Nifti1Image(np.ones((10, 10, 10), np.int16), np.eye(4)).to_bytes())
+    assert volume_from_bytes(small, "ok.nii.gz").shape == (10, 10, 10)

@@ -73,9 +73,14 @@ def derivative_path(root: Path, sub: str, grid: Grid, suffix: str = "desc-prepro
             / f"{sub}_space-{SPACE}_res-{grid.res_label}_{suffix}.nii.gz")
 
 
-def _file_fingerprint(path: Path) -> str:
+def _file_fingerprint(path: Path, grid: Grid) -> str:
+    """What a cached derivative depends on: the source file, the grid and the preprocessing code."""
+    from synthbrain.cache import code_hash
+    from synthbrain.data import preprocess
+
     st = path.stat()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    g = grid.to_dict()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{g['shape']}:{g['spacing']}:{g['origin']}:{code_hash(preprocess)}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ class BIDSDataset:
 
         s = self.subjects[index]
         out = derivative_path(self.root, s.label, self.grid)
-        source = _file_fingerprint(s.t1w)
+        source = _file_fingerprint(s.t1w, self.grid)
         side = sidecar_path(out)
         if out.is_file() and side.is_file():
             try:
@@ -191,8 +196,9 @@ class BIDSDataset:
             desc = json.loads(desc_path.read_text()) if desc_path.is_file() else {}
         except json.JSONDecodeError:
             desc = {}
+        made_by = (desc.get("GeneratedBy") or [{}])[0].get("Description", "")
         return {"name": desc.get("Name", self.root.name), "subjects": len(self), "grid": self.grid.name,
-                "phantom": "Phantom" in desc, "sha256": h.hexdigest()}
+                "phantom": "Phantom" in desc, "generated_by": made_by, "sha256": h.hexdigest()}
 
 
 def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int = 0,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -167,7 +168,10 @@ def ventricle_calibration(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
                   for a in _ALPHAS]
         return {"alphas": np.array(_ALPHAS), "log_ratios": np.log(np.array(ratios))}
 
-    a = cached_arrays(f"ventricle-calibration-{grid.name}-{'x'.join(map(str, grid.shape))}-{grid.spacing:g}mm", build)
+    from synthbrain.data import preprocess, template
+
+    a = cached_arrays(f"ventricle-calibration-{grid.name}-{'x'.join(map(str, grid.shape))}-{grid.spacing:g}mm", build,
+                      depends_on=(sys.modules[__name__], template, preprocess))
     return a["alphas"], a["log_ratios"]
 
 
@@ -296,6 +300,8 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
         raise ConfigError(f"--n must be >= 1, got {n}")
     grid = get_grid(grid)
     out = Path(out_dir)
+    if (out / "participants.tsv").exists():
+        raise ConfigError(f"{out} already holds a dataset (participants.tsv); choose an empty --out")
     out.mkdir(parents=True, exist_ok=True)
     desc = {"Name": "SynthBrain phantom cohort", "BIDSVersion": "1.9.0", "DatasetType": "raw",
             "GeneratedBy": [{"Name": "synthbrain", "Version": __version__,

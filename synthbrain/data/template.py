@@ -18,6 +18,7 @@ All arrays are on the grid (RAS+), fractions in [0, 1].
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -102,7 +103,9 @@ def _load_template(grid: Grid) -> Template:
     from synthbrain.cache import cached_arrays
 
     key = f"template-{grid.name}-{'x'.join(map(str, grid.shape))}-{grid.spacing:g}mm"
-    a = cached_arrays(key, lambda: _build_template_arrays(grid))
+    from synthbrain.data import preprocess
+
+    a = cached_arrays(key, lambda: _build_template_arrays(grid), depends_on=(sys.modules[__name__], preprocess))
     return Template(grid=grid, t1=a["t1"], gm=a["gm"], wm=a["wm"], csf=a["csf"], brain=a["brain"],
                     ventricles=a["ventricles"], ventricle_region=a["ventricle_region"], search_mask=a["search_mask"],
                     depth=a["depth"], deep_gm=a["deep_gm"], deep_wm=a["deep_wm"],

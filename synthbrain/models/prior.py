@@ -106,20 +106,17 @@ class Prior(nn.Module):
         return self.unet(torch.cat([x, cond], dim=1), timesteps=timesteps, context=context.to(x.dtype))
 
     def pad(self, z: torch.Tensor) -> torch.Tensor:
-        """Zero-pad a latent (B, C, x, y, z) to the UNet's shape (symmetrically, like MONAI's SpatialPad)."""
-        pads = []
-        for s, p in zip(reversed(z.shape[2:]), reversed(self.padded_shape[1:])):
-            before = (p - s) // 2
-            pads += [before, p - s - before]
-        return nn.functional.pad(z, pads)
+        """Zero-pad a latent (B, C, x, y, z) to the UNet's shape, with MONAI's SpatialPad (symmetric),
+        as LatentDiffusionInferer does with ``ldm_latent_shape``."""
+        from monai.transforms import SpatialPad
+
+        return _batched(SpatialPad(self.padded_shape[1:], method="symmetric"), z)
 
     def crop(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`pad` (a centre crop, like MONAI's CenterSpatialCrop)."""
-        sl = [slice(None), slice(None)]
-        for s, p in zip(self.latent_shape[1:], z.shape[2:]):
-            before = (p - s) // 2
-            sl.append(slice(before, before + s))
-        return z[tuple(sl)]
+        """Inverse of :meth:`pad`: MONAI's CenterSpatialCrop back to the autoencoder's latent shape."""
+        from monai.transforms import CenterSpatialCrop
+
+        return _batched(CenterSpatialCrop(self.latent_shape[1:]), z)
 
     @staticmethod
     def drop_conditions(context: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -128,3 +125,12 @@ class Prior(nn.Module):
             return context
         drop = torch.rand(context.shape[0], generator=generator, device="cpu").to(context.device) < p
         return torch.where(drop[:, None, None], torch.full_like(context, NULL_VALUE), context)
+
+
+def _batched(transform, z: torch.Tensor) -> torch.Tensor:
+    """Apply a channel-first MONAI array transform to a (B, C, ...) batch (batch folded into channels)."""
+    from monai.utils import convert_to_tensor
+
+    b, c = z.shape[:2]
+    out = convert_to_tensor(transform(z.reshape(b * c, *z.shape[2:])), track_meta=False)
+    return out.reshape(b, c, *out.shape[1:])

@@ -18,10 +18,12 @@ from synthbrain.training.loop import (
     DistContext,
     TrainConfig,
     Trainer,
+    check_run_dir,
     config_sections,
     distributed,
     load_config_file,
     pick_device,
+    step_generator,
     unwrap,
 )
 
@@ -75,7 +77,6 @@ class AutoencoderStage:
             self.networks["discriminator"] = self.disc
             self.optimizers["discriminator"] = torch.optim.AdamW(d.parameters(), lr=cfg.loss.discriminator_lr)
             self.adv = PatchAdversarialLoss(criterion="least_squares")
-        self.generator = torch.Generator().manual_seed(t.seed * 7919 + dist.rank)
         self._last_z: torch.Tensor | None = None
 
     def _adversarial_on(self, step: int) -> bool:
@@ -115,7 +116,8 @@ class AutoencoderStage:
         # step 0 included: the codebook starts from encoder outputs instead of N(0, 1) noise
         if step % RESTART_EVERY or self._last_z is None:
             return {}
-        return {"codes_restarted": float(self.model.restart_dead_codes(self._last_z, self.generator))}
+        g = step_generator(self.cfg.train.seed, self.dist.rank, step, salt=1)
+        return {"codes_restarted": float(self.model.restart_dead_codes(self._last_z, g))}
 
     def validate(self, batches: Sequence[torch.Tensor]) -> dict[str, float]:
         from synthbrain.metrics import reconstruction_metrics
@@ -131,10 +133,10 @@ class AutoencoderStage:
         return out
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return {"generator": self.generator.get_state()}, {}
+        return {}, {}  # randomness comes from step_generator: nothing to restore
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self.generator.set_state(tensors["generator"])
+        pass
 
 
 def load_volumes(dataset, indices: Sequence[int]) -> torch.Tensor:
@@ -147,12 +149,17 @@ def command_line() -> str:
 
 
 def write_run_json(run_dir: Path, info: dict) -> None:
-    """run.json: what the run is, and every command that has worked on it (first run, resumes)."""
+    """run.json: what the run is, and every command that has worked on it (first run, resumes).
+    A resumed run must see the same training and validation subjects it started with."""
     from synthbrain.io import atomic_write
 
     path = run_dir / "run.json"
-    commands = json.loads(path.read_text()).get("commands", []) if path.is_file() else []
-    info = {**info, "command": command_line(), "commands": [*commands, command_line()]}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("train_subjects", "val_subjects"):
+        if key in old and old[key] != info.get(key):
+            raise ConfigError(f"{run_dir}: the data's {key.replace('_', ' ')} differ from those the run started "
+                              "with; resume with the same dataset (or start a new --out)")
+    info = {**info, "command": command_line(), "commands": [*old.get("commands", []), command_line()]}
     atomic_write(path, json.dumps(info, indent=2) + "\n")
 
 
@@ -185,6 +192,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
 
     run_dir = Path(out)
     dev = pick_device(device)
+    check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps})
     with distributed(dev) as dist:
         if dev.type == "cuda":

@@ -145,6 +145,23 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
+    """Refuse a run folder that does not fit ``resume``; returns its checkpoints (oldest first)."""
+    found = ckpt.list_checkpoints(run_dir)
+    if resume and not found:
+        raise SynthBrainError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
+    if not resume and found:
+        raise SynthBrainError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
+                              "or choose another --out")
+    return found
+
+
+def step_generator(seed: int, rank: int, step: int, salt: int = 0) -> torch.Generator:
+    """The random stream of one rank at one step: a pure function of (seed, rank, step), so a resumed
+    run draws what the uninterrupted run would have, and ranks never share noise."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 31 + salt)
+
+
 class Stage(Protocol):
     """What a stage of training provides to the loop."""
 
@@ -303,18 +320,14 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         cfg = self.config
+        # the configured rates, read before a restore loads rates that the warm-up already scaled
+        base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in self.stage.optimizers.items()}
         resume_step = None
+        found = check_run_dir(self.run_dir, resume)
         if resume:
-            found = ckpt.list_checkpoints(self.run_dir)
-            if not found:
-                raise SynthBrainError(f"{self.run_dir}: --resume given but there is no checkpoint to resume from")
             self.restore(found[-1])
             resume_step = self.step
-        elif ckpt.list_checkpoints(self.run_dir):
-            raise SynthBrainError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
-                                  "or choose another --out")
         log = MetricsLog(self.run_dir / "metrics.csv", self.dist.is_main, resume_step)
-        base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in self.stage.optimizers.items()}
         last_val: dict[str, float] = {}
         t_last, s_last = time.perf_counter(), self.step
         for net in self.stage.networks.values():
@@ -344,7 +357,12 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             sums.update(self.stage.after_step(self.step))
             self.step += 1
-            if not all(math.isfinite(v) for k, v in sums.items() if not k.startswith("grad_norm")):
+            finite = all(math.isfinite(v) for k, v in sums.items() if not k.startswith("grad_norm"))
+            if self.dist.enabled:  # every rank stops together, or the others wait forever in the next all-reduce
+                flag = torch.tensor([float(finite)], device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if not finite:
                 raise SynthBrainError(f"training diverged at step {self.step}: {sums}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()

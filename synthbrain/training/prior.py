@@ -21,9 +21,11 @@ from synthbrain.training.loop import (
     DistContext,
     TrainConfig,
     Trainer,
+    check_run_dir,
     config_sections,
     distributed,
     pick_device,
+    step_generator,
     unwrap,
 )
 
@@ -64,7 +66,8 @@ class PriorStage:
         self.optimizers = {"prior": torch.optim.AdamW(prior.parameters(), lr=cfg.train.lr,
                                                       weight_decay=cfg.train.weight_decay)}
         self.scheduler = DDPMScheduler(**cfg.model.scheduler_kwargs())
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 7919 + dist.rank)
+        self.rank = dist.rank
+        self._micro_step, self._micro = -1, 0
 
     def _loss(self, latents: torch.Tensor, context: torch.Tensor, net, generator: torch.Generator,
               drop: float) -> torch.Tensor:
@@ -82,7 +85,11 @@ class PriorStage:
 
     def train_step(self, batch, step: int, backward) -> dict[str, float]:
         latents, context = batch
-        loss = self._loss(latents, context, self.net, self.generator, self.cfg.model.condition_dropout)
+        # micro-batches of one step (gradient accumulation) must not share noise
+        self._micro = self._micro + 1 if step == self._micro_step else 0
+        self._micro_step = step
+        g = step_generator(self.cfg.train.seed, self.rank, step, salt=self._micro)
+        loss = self._loss(latents, context, self.net, g, self.cfg.model.condition_dropout)
         backward(loss, "prior")
         return {"loss": loss.item()}
 
@@ -96,10 +103,10 @@ class PriorStage:
         return {"loss": sum(losses) / len(losses)}
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return {"generator": self.generator.get_state()}, {}
+        return {}, {}  # randomness comes from step_generator: nothing to restore
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self.generator.set_state(tensors["generator"])
+        pass
 
 
 @torch.no_grad()
@@ -153,6 +160,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
 
     run_dir = Path(out)
     dev = pick_device(device)
+    check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls=PriorTraining)
     with distributed(dev) as dist:
         if dev.type == "cuda":

@@ -78,49 +78,17 @@ class Surfaces:
 
 
 def tissue_fractions(volume: Volume, grid: Grid | None = None) -> TissueFractions:
-    """Brain and ventricle fractions of a brain-extracted T1 in MNI space (see the module docstring).
+    """Brain and ventricle fractions of a brain-extracted T1 in MNI space (see the module docstring),
+    from the same segmentation the measurement uses, so the surfaces show what was measured.
 
     Raises ``InvalidVolumeError`` (from the measurement) when the volume has no usable grey / white
     matter contrast, e.g. an untrained model's output.
     """
-    # measure's steps 1-3, on purpose the same code: the surfaces must show what was measured
-    from synthbrain.data.preprocess import brain_mask, resample_to_grid, robust_scale
-    from synthbrain.data.template import load_template
-    from synthbrain.measure import _bias_correct, _csf_intensity, grid_for
+    from synthbrain.measure import segment
 
-    grid = grid or grid_for(volume)
-    tmpl = load_template(grid)
-    data = _on_grid(volume, grid, resample_to_grid)
-    head = brain_mask(data, grid, source=volume.source)
-    data = data / robust_scale(data, head, source=volume.source)
-    icv = float(head.sum()) * grid.voxel_volume_ml
-    scale = (icv / tmpl.intracranial_volume_ml) ** (1.0 / 3.0)
-    centre = grid.world_to_voxel(tmpl.centroid_mm[None])[0][:, None, None, None]
-    coords = centre + (np.indices(grid.shape, dtype=np.float32) - centre) / scale
-
-    def region(mask: np.ndarray) -> np.ndarray:
-        return head & (ndi.map_coordinates(mask.astype(np.float32), coords, order=1) > 0.5)
-
-    deep_wm, deep_gm = region(tmpl.deep_wm), region(tmpl.deep_gm)
-    name = volume.source or "volume"
-    if deep_wm.sum() < 50 or deep_gm.sum() < 50:
-        raise InvalidVolumeError(f"{name}: deep white / grey matter not found")
-    data = _bias_correct(data, head, float(np.median(data[deep_gm])), float(np.median(data[deep_wm])))
-    gm, wm = float(np.median(data[deep_gm])), float(np.median(data[deep_wm]))
-    if not wm > gm * 1.02:
-        raise InvalidVolumeError(f"{name}: no grey / white-matter contrast")
-    csf = _csf_intensity(gm, wm, tmpl)
-    csf_frac = (np.clip((gm - data) / (gm - csf), 0.0, 1.0) * head).astype(np.float32)
-    vent_region = region(tmpl.ventricle_region)
-    ventricles = csf_frac * vent_region
-    brain = head * (1.0 - csf_frac * ~vent_region)
-    return TissueFractions(grid, brain.astype(np.float32), ventricles.astype(np.float32))
-
-
-def _on_grid(volume: Volume, grid: Grid, resample) -> np.ndarray:
-    if volume.shape == tuple(grid.shape) and np.allclose(volume.affine, grid.affine, atol=1e-4):
-        return volume.data
-    return resample(volume.data, volume.affine, grid)
+    seg = segment(volume, grid)
+    # the brain's outer volume: tissue plus the ventricles it encloses (sulcal CSF stays outside)
+    return TissueFractions(seg.grid, seg.brain + seg.ventricles, seg.ventricles)
 
 
 def isosurface(field: np.ndarray, affine: np.ndarray, level: float, *, name: str,

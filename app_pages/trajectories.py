@@ -1,0 +1,204 @@
+"""Trajectories: one brain through age, from a fixed seed or from a real scan (edited, so the subject
+stays recognisable), with measured volumes against age, a GIF of a plane and the series as NIfTI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app_support import common, scans, trajectory
+from app_support.results import base_layer
+from app_support.viewer import Panel, viewer
+from synthbrain.errors import SynthBrainError
+from synthbrain.sampling import SYNTHETIC_NOTE
+
+RESULT = "traj_result"           # this session's latest Trajectory
+FRAME = "traj_frame"             # index of the frame shown
+PLAY = "traj_play"
+PLAY_SECONDS = 1.2               # per frame while playing (the viewer reloads one volume per frame)
+STARTS = {"seed": "A seed: a new synthetic brain", "scan": "A real scan: edit it, keeping the subject"}
+
+bundle = common.current_bundle()
+schema = bundle.schema
+population = bundle.population
+st.title("Trajectories: one brain through age")
+st.caption(SYNTHETIC_NOTE)
+if common.is_phantom(bundle):
+    st.info(common.PHANTOM_NOTE, icon=":material/info:")
+if not bundle.has_prior:
+    st.error(f"{bundle.name}: this bundle has no prior (stage 2), so it cannot generate a series.")
+    st.stop()
+axis = trajectory.axis_name(schema)
+ax = schema[axis]
+ax_label = f"{ax.label} ({ax.unit})" if ax.unit else ax.label
+
+start = st.radio("Start from", list(STARTS), format_func=STARTS.__getitem__, horizontal=True, key="traj_start",
+                 help="A seed: the same starting noise at every age. A real scan: its latent is partly noised "
+                      "and denoised under each frame's conditions (SDEdit).")
+scan = None
+if start == "scan":
+    scan = scans.scan_picker("traj", bundle.grid)
+    if scan is not None and scan.details:
+        st.caption(scan.details)
+
+# ------------------------------------------------------------------------------------- controls
+with st.sidebar:
+    st.header("Series")
+    span = ax.high - ax.low
+    low, high = st.slider(f"{ax_label} range", float(ax.low), float(ax.high), step=common.condition_step(ax),
+                          value=(float(round(ax.low + 0.1 * span)), float(round(ax.high - 0.1 * span))),
+                          format="%.0f" if common.condition_step(ax) >= 1 else "%.1f", key="traj_range")
+    k = st.slider("Frames", 2, trajectory.MAX_FRAMES, 5, key="traj_k", help="Evenly spaced over the range.")
+    st.header("Other conditions")
+    settings: dict[str, trajectory.Setting] = {}
+    for c in schema:
+        if c.name == axis:
+            continue
+        modes = trajectory.modes_for(c, population)
+        mode = modes[0]
+        if len(modes) > 1:
+            mode = st.selectbox(c.label, modes, format_func=trajectory.MODES.__getitem__, key=f"traj_mode_{c.name}")
+        if mode == "typical":
+            st.caption(f"{c.label}: the population's typical value at each frame's {ax.label.lower()} and sex.")
+            settings[c.name] = trajectory.Setting("typical")
+        elif mode == "fixed":
+            value = common.condition_inputs([c], key="traj_fixed")[c.name]
+            settings[c.name] = trajectory.Setting("fixed", value)
+        elif mode == "sweep":
+            a = common.condition_inputs([c], key="traj_from", label_suffix=", first frame")[c.name]
+            b = common.condition_inputs([c], key="traj_to", label_suffix=", last frame")[c.name]
+            settings[c.name] = trajectory.Setting("sweep", a, b)
+        else:
+            a = common.condition_inputs([c], key="traj_from", label_suffix=", before")[c.name]
+            b = common.condition_inputs([c], key="traj_to", label_suffix=", from then on")[c.name]
+            at = st.slider(f"{c.label} changes at {ax_label.lower()}", float(ax.low), float(ax.high),
+                           value=float(common.initial_value(ax)), step=common.condition_step(ax),
+                           key=f"traj_at_{c.name}")
+            settings[c.name] = trajectory.Setting("switch", a, b, at)
+    st.header("Sampling")
+    seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="traj_seed",
+                           help="The same seed at every frame: one brain, not a new one per age.")
+    prior_cfg = bundle.prior.config
+    steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="traj_steps")
+    guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="traj_guidance")
+    strength = 0.5
+    if start == "scan":
+        strength = st.slider("Edit strength", 0.1, 1.0, 0.5, step=0.05, key="traj_strength",
+                             help="How far the scan's latent is noised before denoising under the new "
+                                  "conditions: low keeps the subject, 1 ignores it.")
+    ready = high > low and (start == "seed" or scan is not None)
+    go = st.button("Generate the series", type="primary", width="stretch", key="traj_go", disabled=not ready)
+    if not high > low:
+        st.caption("Choose a range that spans more than one value.")
+
+if go:
+    try:
+        values = trajectory.axis_values(low, high, int(k))
+        conditions = trajectory.plan_series(schema, population, axis, values, settings)
+        source = None
+        if scan is not None and start == "scan":
+            from synthbrain.data.preprocess import preprocess
+
+            source = preprocess(scan.volume, bundle.grid)[0]
+        generator = common.generator_cached(str(bundle.path), common.device())
+        bar, on_step = common.progress_callback(f"Series of {len(conditions)}:")
+        result = trajectory.build_trajectory(
+            generator, bundle, conditions, axis=axis, seed=int(seed), steps=int(steps), guidance=float(guidance),
+            source=source, source_label=scan.label if source is not None else "", strength=float(strength),
+            on_step=on_step, lock=common.models_busy())
+        st.session_state[RESULT] = result
+        st.session_state[FRAME] = 0
+        st.session_state[PLAY] = False
+        bar.empty()
+    except SynthBrainError as e:
+        common.show_error(e)
+
+# --------------------------------------------------------------------------------------- result
+traj: trajectory.Trajectory | None = st.session_state.get(RESULT)
+if traj is None:
+    st.markdown(f"Choose the {ax.label.lower()} range and the other conditions in the sidebar, then press "
+                "**Generate the series**.")
+    st.stop()
+
+n = len(traj.frames)
+how = (f"edits of **{traj.source_label}** at strength {traj.strength:g}" if traj.is_edit
+       else f"one seed (**{traj.seed}**) at every frame")
+st.subheader(f"{n} frames, {traj.label(0)} to {traj.label(n - 1)}")
+st.markdown(f"{how} · {traj.steps} steps · guidance {traj.guidance:g}")
+if st.session_state.get(FRAME, 0) >= n:
+    st.session_state[FRAME] = 0
+st.toggle("Play", key=PLAY, help="Step through the frames, one every ~1 s.")
+
+
+@st.fragment(run_every=PLAY_SECONDS if st.session_state.get(PLAY) else None)
+def frame_view(traj: trajectory.Trajectory) -> None:
+    """The frame slider and the viewer; playing reruns only this part, not the whole page."""
+    if st.session_state.get(PLAY):
+        st.session_state[FRAME] = (st.session_state.get(FRAME, 0) + 1) % len(traj.frames)
+    i = st.select_slider("Frame", options=list(range(len(traj.frames))), format_func=traj.label, key=FRAME)
+    frame = traj.frames[i]
+    # constant panel titles: the viewer keeps its canvases (and crosshair) and only swaps the volume
+    panels = [Panel("Synthetic T1w (not a person)", layers=(base_layer(frame.display, f"{traj.stem(i)}.nii.gz"),))]
+    if traj.is_edit:
+        source = base_layer(traj.source_display, "source.nii.gz")
+        panels.insert(0, Panel("Source scan (preprocessed)", layers=(source,)))
+    viewer(panels, key="traj_viewer", sync=True, height=380)
+    asked = ", ".join(f"{c.label.lower()} {frame.sample.conditions[c.name]:g} {c.unit}".strip()
+                      if c.kind == "continuous" else f"{c.label.lower()} {frame.sample.conditions[c.name]}"
+                      for c in schema)
+    got = (f"brain {frame.measured['brain_volume']:.0f} mL, ventricles {frame.measured['ventricular_volume']:.1f} mL"
+           if frame.measured else "n/a (" + (frame.measure_error or "not measured") + ")")
+    st.caption(f"Frame {i + 1} of {len(traj.frames)}. Requested: {asked}. Measured: {got}.")
+
+
+frame_view(traj)
+
+st.markdown("**Measured volumes along the series**")
+st.plotly_chart(traj.figure(), key="traj_chart")
+rows = []
+for i, f in enumerate(traj.frames):
+    row = {ax_label: traj.axis_values[i]}
+    for name, label in trajectory.MEASURED:
+        req = traj.requested(name)
+        if req is not None:
+            row[f"{label}, requested (mL)"] = f"{req[i]:.1f}"
+        got = f.measured.get(name) if f.measured else None
+        row[f"{label}, measured (mL)"] = f"{got:.1f}" if got is not None else "n/a"
+    rows.append(row)
+st.dataframe(pd.DataFrame(rows), hide_index=True, key="traj_table")
+if any(f.measured is None for f in traj.frames):
+    st.caption("n/a: the frame could not be measured (an undertrained model's output has no clear grey / white "
+               "matter contrast).")
+
+# ------------------------------------------------------------------------------------ downloads
+st.markdown("**Animation and downloads**")
+gif_col, controls = st.columns([1, 2], gap="large")
+with controls:
+    c1, c2 = st.columns(2)
+    plane = c1.selectbox("GIF plane", ["axial", "coronal", "sagittal"], key="traj_gif_plane")
+    grid = bundle.grid
+    dim = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
+    lo_mm = float(grid.affine[dim, 3])
+    hi_mm = lo_mm + grid.spacing * (grid.shape[dim] - 1)
+    from synthbrain.viz.slices import centre_mm
+
+    centre = centre_mm(traj.frames[0].volume)
+    where = c2.slider(f"{'xyz'[dim]} position (mm)", float(np.floor(lo_mm)), float(np.ceil(hi_mm)),
+                      float(round(centre[dim])), step=float(grid.spacing), format="%+.0f",
+                      key=f"traj_gif_pos_{plane}")
+    point = centre.copy()
+    point[dim] = where
+    gif = traj.gif(plane, point)
+    stem = f"{traj.subject}_{axis}-{traj.axis_values[0]:g}-{traj.axis_values[-1]:g}"
+    d1, d2 = st.columns(2)
+    d1.download_button(f"GIF of the {plane} plane", data=gif, file_name=f"{stem}_{plane}.gif", mime="image/gif",
+                       on_click="ignore", icon=":material/animated_images:", key="traj_dl_gif", width="stretch")
+    d2.download_button("NIfTI series + JSON sidecars (.zip)", data=traj.zip, file_name=f"{stem}.zip",
+                       mime="application/zip", on_click="ignore", icon=":material/download:", key="traj_dl_zip",
+                       width="stretch")
+    st.caption("The zip is a small BIDS-like dataset: one session per frame (NIfTI + JSON sidecar) and a "
+               "sessions.tsv of requested and measured volumes. Synthetic: not a scan of any person.")
+with gif_col:
+    st.image(gif, caption=f"{plane.capitalize()} plane at {'xyz'[dim]} = {where:+.0f} mm through the series "
+                          "(neurological: left on the left)")

@@ -1,0 +1,311 @@
+"""One brain through age: the conditions of each frame, the sampling of the series (from one seed, or
+by editing a real scan), what was measured on each frame, and the series' chart, GIF and zip.
+
+No Streamlit here: the Trajectories page reads widgets into :class:`Setting` values and calls these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from synthbrain.errors import InvalidVolumeError
+from synthbrain.io import Volume, to_nifti_bytes
+
+OnStep = Callable[[int, int, dict], None]
+MODES = {"typical": "Typical for age and sex", "fixed": "Fixed", "sweep": "Sweep (start → end)",
+         "switch": "Changes at an age"}
+MEASURED = (("brain_volume", "Brain volume"), ("ventricular_volume", "Ventricular volume"))
+MAX_FRAMES = 12
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one condition moves along the series: ``typical`` (the population's value for the frame's
+    age and sex), ``fixed`` at ``value``, ``sweep`` linearly from ``value`` to ``end`` (continuous),
+    or ``switch`` from ``value`` to ``end`` at axis value ``at`` (a category, e.g. a diagnosis)."""
+
+    mode: str
+    value: float | str | None = None
+    end: float | str | None = None
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        if self.mode in ("fixed", "sweep", "switch") and self.value is None:
+            raise ValueError(f"a {self.mode} setting needs a value")
+        if self.mode in ("sweep", "switch") and self.end is None:
+            raise ValueError(f"a {self.mode} setting needs an end value")
+        if self.mode == "switch" and self.at is None:
+            raise ValueError("a switch setting needs the axis value 'at' where it changes")
+
+
+def axis_name(schema) -> str:
+    """The condition a trajectory runs along: age where the schema has it, else its first
+    continuous condition."""
+    from synthbrain.population import AGE
+
+    if AGE in schema.names:
+        return AGE
+    for c in schema:
+        if c.kind == "continuous":
+            return c.name
+    raise ValueError("the condition schema has no continuous condition to sweep")
+
+
+def modes_for(condition, population) -> list[str]:
+    """The settings a condition can take (the first is its default)."""
+    from synthbrain.population import SEX
+
+    if condition.kind == "continuous":
+        typical = ["typical"] if condition.name in population.coefficients else []
+        return typical + ["fixed", "sweep"]
+    # the subject's sex is who they are, not something that changes along one brain's ageing
+    return ["fixed"] if condition.name == SEX else ["fixed", "switch"]
+
+
+def axis_values(low: float, high: float, k: int) -> list[float]:
+    """``k`` evenly spaced values from ``low`` to ``high`` (inclusive), rounded to 0.1."""
+    if not 2 <= k <= MAX_FRAMES:
+        raise ValueError(f"a series has 2..{MAX_FRAMES} frames, got {k}")
+    if not high > low:
+        raise ValueError(f"the range must go up: got {low:g} to {high:g}")
+    return [round(float(v), 1) for v in np.linspace(low, high, k)]
+
+
+def plan_series(schema, population, axis: str, values: Sequence[float],
+                settings: Mapping[str, Setting]) -> list[dict[str, Any]]:
+    """The conditions of every frame, in real units: ``axis`` takes ``values[i]``; every other
+    condition follows its setting (a missing setting: its first mode of :func:`modes_for`, at the
+    schema's default)."""
+    n = len(values)
+    frames = []
+    for i, v in enumerate(values):
+        t = i / (n - 1) if n > 1 else 0.0
+        out: dict[str, Any] = {axis: float(v)}
+        for c in schema:
+            if c.name == axis:
+                continue
+            s = settings.get(c.name) or Setting(modes_for(c, population)[0], c.default)
+            if s.mode not in modes_for(c, population):
+                raise ValueError(f"condition {c.name!r} cannot be set as {s.mode!r}")
+            if s.mode == "typical":
+                continue  # filled in below, from this frame's age and sex
+            if s.mode == "fixed":
+                out[c.name] = s.value
+            elif s.mode == "sweep":
+                out[c.name] = round(float(s.value) + t * (float(s.end) - float(s.value)), 1)
+            else:
+                out[c.name] = s.end if float(v) >= float(s.at) else s.value
+        frames.append(schema.complete(population.typical(schema, out)))
+    return frames
+
+
+# -------------------------------------------------------------------------------------- sampling
+
+
+def sample_series(generator, conditions: Sequence[Mapping[str, Any]], *, seed: int, steps: int, guidance: float,
+                  source: np.ndarray | None = None, strength: float = 0.5, on_step: OnStep | None = None) -> list:
+    """One sample per entry of ``conditions``, all from the same ``seed`` (the same starting noise, so
+    one brain), or, given a preprocessed ``source`` volume (X, Y, Z) on the bundle's grid, edits of it
+    (``Generator.edit`` at ``strength``). ``on_step(i, n)`` counts denoising steps over the series."""
+    k = len(conditions)
+
+    def frame_step(j: int) -> OnStep | None:
+        if on_step is None:
+            return None
+
+        def step(i: int, n: int, info: dict | None = None) -> None:
+            on_step(j * n + i, k * n, {**(info or {}), "frame": j + 1})
+        return step
+
+    out = []
+    for j, cond in enumerate(conditions):
+        if source is None:
+            out.append(generator.sample(cond, n=1, seed=seed, steps=steps, guidance=guidance,
+                                        on_step=frame_step(j))[0])
+        else:
+            out.append(generator.edit(source, cond, strength=strength, seed=seed, steps=steps, guidance=guidance,
+                                      on_step=frame_step(j)))
+    return out
+
+
+@dataclass(eq=False)
+class Frame:
+    sample: Any                     # synthbrain.sampling.Sample
+    display: bytes                  # gzip NIfTI for the viewer
+    measured: dict[str, float] | None = None
+    measure_error: str | None = None
+
+    @property
+    def volume(self) -> Volume:
+        return self.sample.volume
+
+
+def make_frame(sample, grid) -> Frame:
+    """A sample with its display file and what was measured on it (or why it could not be)."""
+    from synthbrain.measure import measure_volume
+    from synthbrain.viz.display import display_nifti_bytes
+
+    display = display_nifti_bytes(sample.volume, "SynthBrain SYNTHETIC T1w (display)")
+    try:
+        m = measure_volume(sample.volume, grid)
+    except InvalidVolumeError as e:
+        return Frame(sample, display, None, str(e))
+    return Frame(sample, display, {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
+                                   "intracranial_volume": m.intracranial_volume})
+
+
+# ----------------------------------------------------------------------------------------- result
+
+
+@dataclass(eq=False)
+class Trajectory:
+    """A finished series as the page keeps it (in the session's state only)."""
+
+    frames: list[Frame]
+    bundle: Any = field(repr=False)
+    axis: str
+    seed: int
+    steps: int
+    guidance: float
+    source_label: str = ""          # edits: the scan they started from
+    source: Volume | None = None    # edits: the preprocessed scan
+    source_display: bytes = b""
+    strength: float | None = None
+
+    @property
+    def is_edit(self) -> bool:
+        return self.source is not None
+
+    @property
+    def axis_values(self) -> list[float]:
+        return [float(f.sample.conditions[self.axis]) for f in self.frames]
+
+    @property
+    def axis_condition(self):
+        return self.bundle.schema[self.axis]
+
+    def label(self, i: int) -> str:
+        """'age 62.5 years'."""
+        c = self.axis_condition
+        return f"{c.label.lower()} {self.axis_values[i]:g} {c.unit}".strip()
+
+    def requested(self, name: str) -> list[float] | None:
+        if name not in self.bundle.schema.names:
+            return None
+        return [float(f.sample.conditions[name]) for f in self.frames]
+
+    def measured(self, name: str) -> list[float | None]:
+        return [f.measured.get(name) if f.measured else None for f in self.frames]
+
+    def figure(self):
+        from synthbrain.viz.figures import VolumeSeries, trajectory_figure
+
+        c = self.axis_condition
+        series = [VolumeSeries(label, self.measured(name), self.requested(name)) for name, label in MEASURED]
+        return trajectory_figure(self.axis_values, series, x_title=f"{c.label} ({c.unit})" if c.unit else c.label)
+
+    def gif(self, plane: str, point_mm: Sequence[float] | None = None) -> bytes:
+        from synthbrain.viz.series import series_gif
+
+        # one fixed window (the viewer's): frames are comparable and the GIF matches the viewer
+        return series_gif([f.volume for f in self.frames], plane, point_mm=point_mm,
+                          labels=[self.label(i) for i in range(len(self.frames))], window=(0.0, 0.9))
+
+    @property
+    def subject(self) -> str:
+        """BIDS subject label of the series ('sub-synthseed3', 'sub-synthedit3')."""
+        return f"sub-synth{'edit' if self.is_edit else 'seed'}{self.seed}"
+
+    def stem(self, i: int) -> str:
+        return (f"{self.subject}_ses-{i + 1:02d}_space-MNI152NLin2009aSym_res-{self.bundle.grid.res_label}_T1w")
+
+    def sidecar(self, i: int) -> dict:
+        from synthbrain.sampling import sample_sidecar
+
+        f = self.frames[i]
+        measured = ({f"{k}_mL": v for k, v in f.measured.items()} if f.measured else {"error": f.measure_error})
+        series = {"Frame": i + 1, "Frames": len(self.frames), "Axis": self.axis,
+                  "Mode": "edit of a scan (SDEdit)" if self.is_edit else "one seed through the series"}
+        if self.is_edit:
+            series.update(Source=self.source_label, Strength=self.strength)
+        return sample_sidecar(f.sample, self.bundle, {"Measured": measured, "Series": series})
+
+    def zip(self) -> bytes:
+        """The series as a small BIDS-like dataset: one session per frame (NIfTI float32 + JSON
+        sidecar), a sessions.tsv with requested and measured values, dataset_description.json."""
+        from synthbrain import __version__
+        from synthbrain.data.bids import tsv_text
+        from synthbrain.sampling import SYNTHETIC_NOTE
+
+        buf = io.BytesIO()
+        sub = self.subject
+        names = self.bundle.schema.names
+        rows = []
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:  # the NIfTIs are gzipped already
+            z.writestr("dataset_description.json", json.dumps(
+                {"Name": "SynthBrain synthetic trajectory", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                 "Synthetic": True, "Note": SYNTHETIC_NOTE,
+                 "GeneratedBy": [{"Name": "synthbrain", "Version": __version__, "Bundle": self.bundle.name}]},
+                indent=2) + "\n")
+            for i, f in enumerate(self.frames):
+                ses = f"ses-{i + 1:02d}"
+                base = f"{sub}/{ses}/anat/{self.stem(i)}"
+                z.writestr(f"{base}.nii.gz",
+                           to_nifti_bytes(f.volume, description="SynthBrain SYNTHETIC T1w (not a person)"))
+                z.writestr(f"{base}.json", json.dumps(self.sidecar(i), indent=2, default=float) + "\n")
+                m = f.measured or {}
+                rows.append({"session_id": ses, **f.sample.conditions, "seed": f.sample.seed,
+                             "measured_brain_volume": m.get("brain_volume"),
+                             "measured_ventricular_volume": m.get("ventricular_volume")})
+            cols = ["session_id", *names, "seed", "measured_brain_volume", "measured_ventricular_volume"]
+            z.writestr(f"{sub}/{sub}_sessions.tsv", tsv_text(rows, cols))
+        return buf.getvalue()
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.source.data.nbytes + len(self.source_display) if self.source is not None else 0
+        return sum(f.volume.data.nbytes + len(f.display) for f in self.frames) + extra
+
+
+def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]], *, axis: str, seed: int,
+                     steps: int, guidance: float, source: Volume | None = None, source_label: str = "",
+                     strength: float = 0.5, on_step: OnStep | None = None,
+                     lock: contextlib.AbstractContextManager | None = None) -> Trajectory:
+    """Sample the series (holding ``lock`` while the models run), then measure every frame.
+    ``source`` is a preprocessed scan on the bundle's grid (edits) or None (one seed).
+    ``on_step(i, n)`` runs over the whole job: the denoising steps, then one step per measured frame."""
+    from synthbrain.viz.display import display_nifti_bytes
+
+    k = len(conditions)
+    total = [0]
+
+    def sampling(i: int, n: int, info: dict) -> None:
+        total[0] = n
+        if on_step is not None:
+            on_step(i, n + k, info)
+
+    with lock or contextlib.nullcontext():
+        samples = sample_series(generator, conditions, seed=seed, steps=steps, guidance=guidance,
+                                source=None if source is None else source.data, strength=strength,
+                                on_step=sampling)
+    frames = []
+    for j, s in enumerate(samples):
+        frames.append(make_frame(s, bundle.grid))
+        if on_step is not None:
+            on_step(total[0] + j + 1, total[0] + k, {"measured": j + 1})
+    shown = display_nifti_bytes(source, "source scan (display)") if source is not None else b""
+    return Trajectory(frames, bundle, axis, seed, steps, guidance, source_label=source_label, source=source,
+                      source_display=shown, strength=strength if source is not None else None)

@@ -1,0 +1,65 @@
+"""End to end: Trajectories and Learn in a real Chromium against a real server. A series is drawn,
+the crosshair stays put when the frame changes, play moves the frames on; Learn's pictures appear."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .e2e_helpers import assert_drawn, canvas_pixels, viewer_frame, wait_for_script
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
+    page.goto(server.url + "/trajectories")
+    page.get_by_text("Trajectories: one brain through age").wait_for()
+    wait_for_script(page)
+    page.get_by_role("button", name="Generate the series").click()
+    page.get_by_text("Measured volumes along the series").wait_for(timeout=120_000)
+    wait_for_script(page)
+    frame = viewer_frame(page)
+    page.wait_for_timeout(500)
+    page.screenshot(path="/tmp/synthbrain-e2e-trajectories.png")
+    canvas = frame.locator('canvas[data-panel="0"]')
+    assert_drawn(canvas_pixels(canvas), "trajectory viewer")
+    assert page.locator('[data-testid="stImage"] img').count() == 1  # the GIF preview
+
+    box = canvas.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+    page.wait_for_timeout(500)
+    readout = frame.locator('[data-readout="0"]')
+    before = np.array(json.loads(readout.get_attribute("data-mm")))
+    assert "Frame 1 of 5" in page.inner_text("body")
+    thumb = page.locator('[data-testid="stSlider"]').filter(has_text="age 45 years").locator("input[type=range]")
+    thumb.focus()
+    thumb.press("ArrowRight")
+    page.get_by_text("Frame 2 of 5").wait_for()
+    wait_for_script(page)
+    frame.locator('body[data-ready="1"]').wait_for()
+    page.wait_for_timeout(500)
+    np.testing.assert_allclose(np.array(json.loads(readout.get_attribute("data-mm"))), before, atol=1e-3)
+    assert_drawn(canvas_pixels(canvas), "trajectory viewer, frame 2")
+
+    page.get_by_text("Play", exact=True).click()
+    page.get_by_text("Frame 4 of 5").wait_for(timeout=30_000)  # moves on by itself
+    page.get_by_text("Play", exact=True).click()
+    wait_for_script(page)
+
+
+def test_learn_shows_the_live_models_pictures(page, server):
+    page.goto(server.url + "/learn")
+    page.get_by_text("Learn: how a synthetic brain is made").wait_for()
+    wait_for_script(page)
+    page.get_by_role("button", name="Encode and decode the template").click()
+    page.get_by_text("How close the reconstruction is").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Show the denoising steps").click()
+    page.get_by_text("Top: one channel of the latent").wait_for(timeout=120_000)
+    wait_for_script(page)
+    images = page.locator('[data-testid="stImage"] img')
+    assert images.count() == 4
+    for i in range(4):
+        assert images.nth(i).evaluate("img => img.complete && img.naturalWidth") > 500
+    page.screenshot(path="/tmp/synthbrain-e2e-learn.png", full_page=True)
