@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pandas as pd
 import streamlit as st
 
-from app_support import common, results
+from app_support import common, results, scans
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
 
 RESULT = "cmp_result"            # this session's latest CompareResult
-UPLOAD = "cmp_upload"            # (file hash, Volume or error message) of the current upload
-SOURCES = {"template": "MNI152 template", "phantom": "Phantom subject", "upload": "Upload a NIfTI"}
-PHANTOM_SEED = 0                 # phantom subjects are drawn as in `synthbrain cohort --seed 0`
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str, index: int) -> results.CompareResult:
     """Reconstruction of a built-in scan (the template or a phantom subject): the same for every user,
     so shared. ``weights`` (the autoencoder's sha256) keys the cache to the weights, not the folder."""
-    from nilearn.datasets import MNI152_FILE_PATH
-
-    from synthbrain.data.cohort import render_subject, sample_subject
-    from synthbrain.io import Volume, read_volume
     from synthbrain.reconstruction import reconstruct
 
     bundle = common.load_bundle_cached(bundle_path, device)
-    if source == "template":
-        volume, details = read_volume(MNI152_FILE_PATH), "MNI152 2009 T1 (1 mm) as nilearn ships it"
-    else:
-        params = sample_subject(PHANTOM_SEED, index - 1)
-        subject = render_subject(params, bundle.grid)
-        volume = Volume(subject.t1, bundle.grid.affine, source=f"phantom-{index:04d}")
-        details = (f"Phantom subject {index}: age {params.age:g} years, sex {params.sex}, {params.diagnosis}; "
-                   f"true brain volume {subject.brain_volume_ml:.0f} mL, "
-                   f"ventricles {subject.ventricular_volume_ml:.1f} mL. "
-                   "A phantom is the MNI152 template deformed by a simple ageing model, not a person.")
+    scan = scans.builtin_scan(source, index, bundle.grid.name)
     with common.model_lock():
-        recon = reconstruct(bundle, volume, device=device)
-    return results.make_compare(f"{source}:{index}", SOURCES[source] + (f" {index}" if source == "phantom" else ""),
-                                recon, details)
+        recon = reconstruct(bundle, scan.volume, device=device)
+    return results.make_compare(scan.key, scan.label, recon, scan.details)
 
 
 bundle = common.current_bundle()
@@ -54,59 +35,27 @@ st.markdown("The VQ-VAE (stage 1) squeezes a whole brain into a small grid of co
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")
 
-source = st.radio("Scan", list(SOURCES), format_func=SOURCES.__getitem__, horizontal=True, key="cmp_source")
-key, upload_volume, ready = None, None, True
-if source == "template":
-    key = "template:0"
-elif source == "phantom":
-    index = st.columns([1, 3])[0].number_input("Phantom subject", min_value=1, max_value=10_000, value=1, step=1,
-                                               key="cmp_phantom", help="Subject number in the phantom cohort "
-                                               "(`synthbrain cohort --seed 0`)")
-    key = f"phantom:{index}"
-else:
-    file = st.file_uploader("T1-weighted NIfTI (.nii or .nii.gz), brain-extracted, in MNI space",
-                            type=["nii", "nii.gz"], key="cmp_file",
-                            help="The file stays in this browser session; it is never written to disk or shared.")
-    ready = False
-    if file is not None:
-        data = file.getvalue()
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        cached = st.session_state.get(UPLOAD)
-        if not cached or cached[0] != digest:
-            from synthbrain.io import volume_from_bytes
-
-            try:
-                cached = (digest, volume_from_bytes(data, file.name), None)
-            except SynthBrainError as e:
-                cached = (digest, None, str(e))
-            st.session_state[UPLOAD] = cached
-        _, upload_volume, problem = cached
-        if problem:
-            st.error(problem, icon=":material/error:")
-        else:
-            v = upload_volume
-            st.caption(f"{file.name}: {' x '.join(map(str, v.shape))} voxels of "
-                       f"{' x '.join(f'{s:.2g}' for s in v.spacing)} mm")
-            key, ready = f"upload:{digest}", True
-
-go = st.button("Reconstruct", type="primary", disabled=not ready, key="cmp_go")
-if go:
+scan = scans.scan_picker("cmp", bundle.grid)
+go = st.button("Reconstruct", type="primary", disabled=scan is None, key="cmp_go")
+if go and scan is not None:
     try:
         with st.spinner("Preprocessing, encoding and decoding…"):
+            source, _, index = scan.key.partition(":")
             if source == "upload":
                 from synthbrain.reconstruction import reconstruct
 
                 with common.models_busy():
-                    recon = reconstruct(bundle, upload_volume, device=common.device())
+                    recon = reconstruct(bundle, scan.volume, device=common.device())
                 # the user's own scan: kept in this session only, never in a shared cache
-                st.session_state[RESULT] = results.make_compare(key, upload_volume.source or "upload", recon)
+                st.session_state[RESULT] = results.make_compare(scan.key, scan.label, recon)
             else:
                 st.session_state[RESULT] = reconstruct_builtin(
                     str(bundle.path), common.device(), bundle.config["autoencoder"].get("sha256", ""), source,
-                    int(key.split(":")[1]))
+                    int(index))
     except SynthBrainError as e:
         common.show_error(e)
 
+key = scan.key if scan is not None else None
 result = st.session_state.get(RESULT)
 if result is None or result.key != key:
     st.markdown("Choose a scan and press **Reconstruct**.")

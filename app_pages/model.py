@@ -30,17 +30,22 @@ with metrics:
     else:
         st.markdown("_No metrics.json in this bundle yet (`synthbrain evaluate` writes it)._")
 with curves:
+    from synthbrain.bundle import TRAINING_LOG_SUFFIX
     from synthbrain.training.loop import read_metrics
 
-    files = sorted(bundle.path.glob("**/metrics.csv")) if bundle.path else []
+    files = sorted(bundle.path.glob(f"*{TRAINING_LOG_SUFFIX}")) if bundle.path else []
     if not files:
-        st.markdown("_This bundle ships no training log (metrics.csv); the curves are in the training run's folder._")
+        st.markdown("_This bundle ships no training log; the curves are in the training run's metrics.csv._")
     for f in files:
         import plotly.express as px
 
         rows = pd.DataFrame(read_metrics(f))
-        st.markdown(f"`{f.relative_to(bundle.path)}`")
-        for name, part in rows.groupby("name"):
-            fig = px.line(part, x="step", y="value", color="split", title=name, markers=len(part) < 50)
-            fig.update_layout(height=280, margin=dict(l=10, r=10, t=40, b=10))
-            st.plotly_chart(fig, key=f"curve_{f}_{name}")
+        stage = f.name[: -len(TRAINING_LOG_SUFFIX)]
+        names = sorted(rows["name"].unique())
+        name = st.selectbox(f"{stage.capitalize()} training: metric", names,
+                            index=names.index("loss") if "loss" in names else 0, key=f"curve_pick_{stage}")
+        part = rows[rows["name"] == name]
+        fig = px.line(part, x="step", y="value", color="split", title=f"{stage}: {name}", markers=len(part) < 50,
+                      labels={"step": "optimiser step", "value": name})
+        fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        st.plotly_chart(fig, key=f"curve_{stage}")

@@ -30,6 +30,7 @@ from synthbrain.grids import Grid
 
 FORMAT_VERSION = 1
 COMPONENTS = ("autoencoder", "prior")
+TRAINING_LOG_SUFFIX = "_training.csv"  # <stage>_training.csv: the run's metrics.csv, kept with the weights
 INTENSITY = {"method": "divide by the 99.5th percentile of brain voxels, clip to [0, 1]",
              "range": [0.0, 1.0], "background": 0.0}
 
@@ -210,6 +211,13 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
 
 def _weights_stamp(config: dict) -> dict[str, str]:
     return {c: config[c].get("sha256", "") for c in COMPONENTS if c in config}
+
+
+def copy_training_log(run_dir: Path, bundle_dir: Path, stage: str) -> None:
+    """Keep the run's metrics.csv beside the weights it produced (the Model page plots it)."""
+    src = Path(run_dir) / "metrics.csv"
+    if src.is_file():
+        shutil.copy2(src, Path(bundle_dir) / f"{stage}{TRAINING_LOG_SUFFIX}")
 
 
 def write_config(path: Path, config: dict) -> None:

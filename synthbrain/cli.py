@@ -217,7 +217,9 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto (GPU if there is one), cpu, cuda"),
     no_measure: bool = typer.Option(False, "--no-measure", help="skip measuring the samples' volumes"),
 ) -> None:
-    """Sample synthetic brains for requested conditions (unspecified ones take the typical value)."""
+    """Sample synthetic brains for requested conditions. An unspecified volume takes the value typical of
+    the requested age and sex in the model's training population; other unspecified conditions the
+    schema's typical value."""
     from synthbrain.bundle import load_bundle
     from synthbrain.sampling import Generator, write_samples
     from synthbrain.training.loop import pick_device
@@ -231,7 +233,7 @@ def sample(
     values = {k: v for k, v in values.items() if v is not None}
     b = load_bundle(bundle)
     gen = Generator(b, device=pick_device(device))
-    full = b.schema.complete(values)  # validates before any work: out-of-range values stop here
+    full = gen.complete(values)  # validates before any work: out-of-range values stop here
     with progress(f"sample ({gen.device})") as on_step:
         samples = gen.sample(full, n=n, seed=seed, steps=steps, guidance=guidance, on_step=on_step)
     with progress("write + measure") as on_step:

@@ -3,14 +3,19 @@
 This is what checks whether a generated brain has the volumes that were asked for, so it runs on any
 volume, real or synthetic, without label maps:
 
-1. the volume is put on the nearest SynthBrain grid (1 mm -> ``full``, coarser -> ``demo``), and its
-   head mask is its foreground inside the dilated MNI152 brain mask;
-2. a three-class Gaussian mixture (scikit-learn) on the head-mask intensities gives the mean CSF, GM
-   and WM intensities; a slow multiplicative bias field is removed first by dividing by a heavily
-   smoothed white-matter intensity map;
-3. each voxel's CSF fraction comes from a two-compartment partial-volume model between the CSF and
-   GM means; brain volume = head mask minus CSF, ventricular volume = CSF inside the template's
-   ventricle region (scaled about the brain's centre by the head's size).
+1. the volume is put on the nearest SynthBrain grid (<= 1.5 mm voxels -> ``full``, else ``demo``);
+   its head mask is its foreground inside the dilated MNI152 brain mask, and intensities are divided
+   by the 99.5th percentile of the head;
+2. the template's regions (deep grey matter, deep white matter, the ventricles' search region) are
+   scaled about the brain's centre by the head's size (cube root of its volume over the template's);
+3. a slow multiplicative bias field is removed: a degree-2 polynomial fitted to the log intensity of
+   white-matter voxels (as SPM and FAST model bias with smooth bases);
+4. reference intensities: grey and white matter are the medians of the large deep regions; pure CSF
+   is extrapolated from them with the template's contrast as a power law (at 2 mm almost no voxel is
+   pure CSF, so it cannot be read off the image);
+5. each voxel's CSF fraction follows a two-compartment partial-volume model between the CSF and GM
+   intensities; brain volume = head mask minus CSF, ventricular volume = CSF inside the ventricle
+   region.
 
 Inputs must be brain-extracted and rigidly aligned to MNI152 2009 space (all SynthBrain data is).
 """
@@ -26,7 +31,6 @@ from synthbrain.errors import InvalidVolumeError
 from synthbrain.grids import DEMO, FULL, Grid
 from synthbrain.io import Volume
 
-MAX_SAMPLES = 200_000
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ class Measurement:
     brain_volume: float          # mL, grey + white matter
     ventricular_volume: float    # mL, lateral + third ventricles
     intracranial_volume: float   # mL, the head mask (brain + CSF)
-    csf_mean: float              # class means of the normalised, bias-corrected image
-    gm_mean: float
+    csf_mean: float              # reference intensities of the normalised, bias-corrected image: CSF
+    gm_mean: float               # (extrapolated), deep grey matter (median), deep white matter (median)
     wm_mean: float
 
     def to_dict(self) -> dict:

@@ -126,8 +126,14 @@ class Generator:
         x = torch.from_numpy(np.asarray(volume, np.float32)[None, None]).to(self.device)
         return self.prior.pad(self.autoencoder.encode_quantized(x) * self.scale)
 
+    def complete(self, conditions: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Validate ``conditions``; a volume not given takes the value typical of the requested age and
+        sex in the training population (bundle.population), any other condition the schema's default."""
+        given = {k: v for k, v in dict(conditions or {}).items() if v is not None}
+        return self.schema.complete(self.bundle.population.typical(self.schema, given))
+
     def context(self, conditions: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[dict]]:
-        full = [self.schema.complete(c) for c in conditions]
+        full = [self.complete(c) for c in conditions]
         vec = torch.from_numpy(np.stack([self.schema.encode(c) for c in full]))[:, None, :]
         return vec, full
 
@@ -144,7 +150,7 @@ class Generator:
                seed: int = 0, steps: int | None = None, guidance: float | None = None,
                on_step: OnStep | None = None, batch_size: int = 4) -> list[Sample]:
         """``n`` brains for ``conditions`` (one dict for all, or a list of ``n`` dicts, in real units;
-        missing conditions take the schema's typical value). Sample ``i`` uses seed ``seed + i``."""
+        missing ones are filled by :meth:`complete`). Sample ``i`` uses seed ``seed + i``."""
         if isinstance(conditions, Mapping) or conditions is None:
             conditions = [dict(conditions or {})] * n
         conditions = list(conditions)

@@ -47,7 +47,14 @@ def test_output_is_a_volume_on_the_grid(gen):
     assert s.volume.shape == gen.grid.shape
     np.testing.assert_array_equal(s.volume.affine, gen.grid.affine)
     assert 0.0 <= s.volume.data.min() and s.volume.data.max() <= 1.0
-    assert s.conditions == gen.schema.defaults()  # unspecified conditions take the typical value
+    # unspecified: age and sex take the schema's defaults, the volumes what is typical for them
+    typical = gen.bundle.population.typical(gen.schema, {"age": gen.schema["age"].default, "sex": "F"})
+    assert s.conditions == gen.schema.complete(typical)
+    old = gen.complete({"age": gen.schema["age"].high, "sex": "F"})
+    young = gen.complete({"age": gen.schema["age"].low, "sex": "F"})
+    assert old["ventricular_volume"] != young["ventricular_volume"]
+    given = gen.schema["ventricular_volume"].high
+    assert gen.complete({"age": 70, "ventricular_volume": given})["ventricular_volume"] == given
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -186,7 +186,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
                       resume: bool = False, config_file: Path | None = None, device: str | None = None,
                       on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
-    from synthbrain.bundle import new_config, save_weights, update_metrics, write_config
+    from synthbrain.bundle import copy_training_log, new_config, save_weights, update_metrics, write_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
     from synthbrain.model_card import write_model_card
 
@@ -238,6 +238,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
             write_config(bundle_dir, config)
             if val:
                 update_metrics(bundle_dir, "autoencoder_training_validation", {**val, "step": trainer.step})
+            copy_training_log(run_dir, bundle_dir, "autoencoder")
             write_model_card(bundle_dir)
         dist.barrier()
     return bundle_dir

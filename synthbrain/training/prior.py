@@ -148,6 +148,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
     """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
     from synthbrain.bundle import (
         copy_bundle,
+        copy_training_log,
         load_bundle,
         read_config,
         save_weights,
@@ -210,6 +211,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
             write_config(out_bundle, config)
             if val:
                 update_metrics(out_bundle, "prior_training_validation", {**val, "step": trainer.step})
+            copy_training_log(run_dir, out_bundle, "prior")
             write_model_card(out_bundle)
         dist.barrier()
     return out_bundle

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from synthbrain.io import Volume
-from synthbrain.viz.slices import planes
+from synthbrain.viz.slices import PLANE_LABELS, planes
 
 PLANES = ("axial", "coronal", "sagittal")
 # (left, right, bottom, top) of each plane as drawn (neurological), as in synthbrain.viz.slices
-_LABELS = {"sagittal": ("P", "A", "I", "S"), "coronal": ("L", "R", "I", "S"), "axial": ("L", "R", "P", "A")}
 _TEXT = (255, 214, 74)
 BAND_PX = 22  # the caption band above each GIF frame
 
@@ -72,7 +71,7 @@ def _annotated(grey: np.ndarray, plane: str, caption: str, counter: str) -> np.n
     draw.text((4, 3), caption, fill=(255, 255, 255), font=big)
     # the counter keeps every frame distinct, so a GIF writer never merges two equal frames
     draw.text((w - 4, 3), counter, fill=(190, 190, 190), font=small, anchor="ra")
-    left, right, bottom, top = _LABELS[plane]
+    left, right, bottom, top = PLANE_LABELS[plane]
     draw.text((3, BAND_PX + h / 2), left, fill=_TEXT, font=big, anchor="lm")
     draw.text((w - 3, BAND_PX + h / 2), right, fill=_TEXT, font=big, anchor="rm")
     draw.text((w / 2, BAND_PX + 2), top, fill=_TEXT, font=big, anchor="ma")

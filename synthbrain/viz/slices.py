@@ -50,7 +50,7 @@ def planes(volume: Volume, point_mm: Sequence[float] | None = None) -> dict[str,
 
 
 # (left, right, bottom, top) labels of each plane in neurological convention
-_LABELS = {"sagittal": ("P", "A", "I", "S"), "coronal": ("L", "R", "I", "S"), "axial": ("L", "R", "P", "A")}
+PLANE_LABELS = {"sagittal": ("P", "A", "I", "S"), "coronal": ("L", "R", "I", "S"), "axial": ("L", "R", "P", "A")}
 _AXIS = {"sagittal": "x", "coronal": "y", "axial": "z"}
 
 
@@ -73,7 +73,7 @@ def orthogonal_png(volume: Volume, *, point_mm: Sequence[float] | None = None, t
     fig = Figure(figsize=(width_px / dpi, width_px / dpi * 0.42), dpi=dpi, facecolor="black")
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [pl[n][1][1] - pl[n][1][0] for n in pl]})
     for ax, (name, (img, extent, pos)) in zip(axes, pl.items()):
-        left, right, bottom, top = _LABELS[name]
+        left, right, bottom, top = PLANE_LABELS[name]
         ax.imshow(img, cmap="gray", origin="lower", extent=extent, vmin=window[0], vmax=window[1],
                   interpolation="nearest")
         if radiological and name != "sagittal":

@@ -32,9 +32,11 @@ def test_model_page_shows_card_and_schema():
     assert len(at.get("json")) >= 1
 
 
-def test_training_curves_come_from_metrics_csv(monkeypatch, tmp_path):
+def test_training_curves_come_from_the_bundles_training_log(monkeypatch, tmp_path, tiny_bundle):
+    # a bundle exported by training carries its run's log
+    assert (tiny_bundle / "autoencoder_training.csv").is_file() and (tiny_bundle / "prior_training.csv").is_file()
     folder = shutil.copytree(demo_bundle_path(), tmp_path / "bundle")
-    (folder / "metrics.csv").write_text("step,split,name,value\n1,train,loss,0.9\n2,train,loss,0.5\n2,val,loss,0.7\n")
+    (folder / "prior_training.csv").write_text("step,split,name,value\n1,train,loss,0.9\n2,train,loss,0.5\n2,val,loss,0.7\n")
     monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
     at = open_page("model")
     assert not at.exception
