@@ -139,3 +139,19 @@ def test_resumed_prior_equals_uninterrupted_prior(tiny_bundle, tiny_cohort, tmp_
     a = load_file(str(full / "prior.safetensors"))
     b = load_file(str(part / "prior.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adversarial_term_trains_a_discriminator_that_stays_out_of_the_bundle(tiny_cohort, tmp_path):
+    cfg = json.loads(json.dumps(TINY_AUTOENCODER))
+    cfg["train"].update(steps=4, ckpt_every=4, val_every=0)
+    cfg["loss"] = {"adversarial": 0.1, "adversarial_start": 2, "discriminator_channels": 4}
+    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
+    bundle = train_autoencoder(data, tmp_path / "run", grid="tiny", config_file=write_json(tmp_path / "c.json", cfg))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    steps_with = {r["step"] for r in rows if r["name"] == "d_loss"}
+    assert steps_with == {3, 4}, "the discriminator joins after adversarial_start"
+    ckpt = load_file(str(list_checkpoints(tmp_path / "run")[-1] / "tensors.safetensors"))
+    assert any(k.startswith("net/discriminator/") for k in ckpt)
+    assert any(k.startswith("optim/discriminator/") for k in ckpt)
+    weights = load_file(str(bundle / "autoencoder.safetensors"))
+    assert not any("disc" in k for k in weights)

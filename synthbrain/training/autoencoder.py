@@ -96,13 +96,16 @@ class AutoencoderStage:
             loss = loss + w.ssim * ssim
             logs["ssim_loss"] = ssim.item()
         if self._adversarial_on(step):
-            self.disc.requires_grad_(False)
-            g_adv = self.adv(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
+            # the generator's term goes through the bare discriminator (frozen): DDP would otherwise wait
+            # for discriminator gradients that this backward pass never produces
+            disc = unwrap(self.disc)
+            disc.requires_grad_(False)
+            g_adv = self.adv(disc(recon)[-1], target_is_real=True, for_discriminator=False)
             loss = loss + w.adversarial * g_adv
             logs["g_adv"] = g_adv.item()
         backward(loss, "autoencoder")
         if self._adversarial_on(step):
-            self.disc.requires_grad_(True)
+            unwrap(self.disc).requires_grad_(True)
             d_loss = 0.5 * (self.adv(self.disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
                             + self.adv(self.disc(x)[-1], target_is_real=True, for_discriminator=True))
             backward(w.adversarial * d_loss, "discriminator")
