@@ -213,6 +213,20 @@ def _weights_stamp(config: dict) -> dict[str, str]:
     return {c: config[c].get("sha256", "") for c in COMPONENTS if c in config}
 
 
+def export_stage(bundle_dir: Path, stage: str, model, config: dict, run_dir: Path,
+                 validation: dict | None, step: int) -> None:
+    """The last act of training a stage: its weights, config.json (``config[stage]`` filled in by the
+    caller), the final validation figures, the run's training log and a fresh MODEL_CARD.md."""
+    from synthbrain.model_card import write_model_card
+
+    config[stage]["sha256"] = save_weights(bundle_dir, stage, model, config[stage]["config"])
+    write_config(bundle_dir, config)
+    if validation:
+        update_metrics(bundle_dir, f"{stage}_training_validation", {**validation, "step": step})
+    copy_training_log(run_dir, bundle_dir, stage)
+    write_model_card(bundle_dir)
+
+
 def copy_training_log(run_dir: Path, bundle_dir: Path, stage: str) -> None:
     """Keep the run's metrics.csv beside the weights it produced (the Model page plots it)."""
     src = Path(run_dir) / "metrics.csv"

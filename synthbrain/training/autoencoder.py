@@ -189,9 +189,8 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
                       resume: bool = False, config_file: Path | None = None, device: str | None = None,
                       on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
-    from synthbrain.bundle import copy_training_log, new_config, save_weights, update_metrics, write_config
+    from synthbrain.bundle import export_stage, new_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
-    from synthbrain.model_card import write_model_card
 
     run_dir = Path(out)
     dev = pick_device(device)
@@ -236,13 +235,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
                 "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
                 "compression": cfg.model.compression(train_ds.grid.shape),
             }
-            config["autoencoder"]["sha256"] = save_weights(bundle_dir, "autoencoder", model,
-                                                           cfg.model.to_dict())
-            write_config(bundle_dir, config)
-            if val:
-                update_metrics(bundle_dir, "autoencoder_training_validation", {**val, "step": trainer.step})
-            copy_training_log(run_dir, bundle_dir, "autoencoder")
-            write_model_card(bundle_dir)
+            export_stage(bundle_dir, "autoencoder", model, config, run_dir, val, trainer.step)
         dist.barrier()
     return bundle_dir
 

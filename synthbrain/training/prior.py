@@ -146,17 +146,8 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
                 resume: bool = False, config_file: Path | None = None, device: str | None = None,
                 on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
     """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
-    from synthbrain.bundle import (
-        copy_bundle,
-        copy_training_log,
-        load_bundle,
-        read_config,
-        save_weights,
-        update_metrics,
-        write_config,
-    )
+    from synthbrain.bundle import copy_bundle, export_stage, load_bundle, read_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
-    from synthbrain.model_card import write_model_card
     from synthbrain.population import PopulationModel
 
     run_dir = Path(out)
@@ -206,12 +197,6 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
                 "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
                 "weights": "exponential moving average",
             }
-            config["prior"]["sha256"] = save_weights(out_bundle, "prior", unwrap(stage.ema.module),
-                                                     cfg.model.to_dict())
-            write_config(out_bundle, config)
-            if val:
-                update_metrics(out_bundle, "prior_training_validation", {**val, "step": trainer.step})
-            copy_training_log(run_dir, out_bundle, "prior")
-            write_model_card(out_bundle)
+            export_stage(out_bundle, "prior", unwrap(stage.ema.module), config, run_dir, val, trainer.step)
         dist.barrier()
     return out_bundle

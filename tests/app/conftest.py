@@ -13,3 +13,19 @@ def app_env(monkeypatch):
     for name in ("SYNTHBRAIN_BUNDLE", "SYNTHBRAIN_MODELS", "SYNTHBRAIN_DEVICE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SYNTHBRAIN_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The shipped demo bundle, loaded once per test module."""
+    from synthbrain.bundle import load_bundle
+
+    return load_bundle()
+
+
+@pytest.fixture
+def media(monkeypatch):
+    """Bytes of the images and downloads a page sends (see media_helpers)."""
+    from .media_helpers import record_media
+
+    return record_media(monkeypatch)

@@ -6,16 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthbrain.bundle import load_bundle
 from synthbrain.data.template import load_template
 from synthbrain.io import Volume, to_nifti_bytes
 
 from .app_helpers import frame, nifti_array, open_page, texts, viewer_calls
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle()
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from synthbrain.bundle import load_bundle
 from synthbrain.viz.surfaces import read_mz3
 
 from .app_helpers import nifti_array, open_page, texts, viewer_calls
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle()
 
 
 def sidebar_slider(at, label):

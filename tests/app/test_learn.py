@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthbrain.bundle import demo_bundle_path, load_bundle
+from synthbrain.bundle import demo_bundle_path
 
 from .app_helpers import frame, open_page, texts
-from .media_helpers import record_media
 
 SECTIONS = ["1. The VQ-VAE", "2. The prior", "3. Why synthetic data protects privacy", "4. The limits of this model"]
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle()
-
-
-@pytest.fixture
-def media(monkeypatch):
-    return record_media(monkeypatch)
 
 
 def png(media, image) -> Image.Image:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from app_support import trajectory
-from synthbrain.bundle import load_bundle
 from synthbrain.conditions import Condition, ConditionSchema
 from synthbrain.data.template import load_template
 from synthbrain.errors import ConditionError
@@ -24,17 +23,6 @@ from synthbrain.io import Volume, to_nifti_bytes
 from synthbrain.population import PopulationModel
 
 from .app_helpers import frame, nifti_array, open_page, texts, viewer_calls
-from .media_helpers import record_media
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle()
-
-
-@pytest.fixture
-def media(monkeypatch):
-    return record_media(monkeypatch)
 
 
 @pytest.fixture(scope="module")
