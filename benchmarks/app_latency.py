@@ -10,7 +10,7 @@
    the bundle loaded, and with ``--sessions`` browser sessions open that have each generated a
    sample and reconstructed the MNI152 template. Goal: <= 2.5 GB.
 
-Uses the same server and browser helpers as tests/e2e. Prints a table; nothing is written.
+Uses the same server and browser helpers as tests/e2e. Prints a table and writes its section of benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -148,6 +148,16 @@ def main() -> None:
           f"demo bundle, default steps")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import write_section
+
+    body = (f"Real `streamlit run` server ({args.threads} torch threads) and Debian's Chromium, demo bundle, "
+            "default steps and guidance. Goals (issue 5): Generate click -> viewer drawn <= 3 s; server memory "
+            "<= 2.5 GB with the bundle loaded and 5 sessions.\n\n| figure | value |\n|---|---|\n"
+            + "\n".join(f"| {name} | {value} |" for name, value in rows) + "\n")
+    write_section("App latency and memory (browser)",
+                  f"OMP_NUM_THREADS={args.threads} python benchmarks/app_latency.py --repeats {args.repeats} "
+                  f"--sessions {args.sessions} --threads {args.threads}", body)
 
 
 if __name__ == "__main__":
