@@ -202,8 +202,10 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
 
     state = {k: small(v.detach().cpu()).contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{component}.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "component": component, "config": json.dumps(config),
-                                         "dtype": WEIGHTS_DTYPE})
+    # one metadata entry: safetensors keeps metadata in a hash map, so with several keys their order,
+    # and the file's checksum, would change from one save to the next
+    meta = json.dumps({"component": component, "config": config, "dtype": WEIGHTS_DTYPE}, sort_keys=True)
+    save_file(state, str(tmp), metadata={"synthbrain": meta})
     atomic_write(path / f"{component}.safetensors", tmp.read_bytes())
     tmp.unlink()
     return sha256_file(path / f"{component}.safetensors")

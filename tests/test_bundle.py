@@ -161,3 +161,14 @@ def test_bundle_weights_equal_the_trained_network(tiny_bundle):
     for k, v in model.state_dict().items():
         trained = ckpt[f"net/autoencoder/{k}"]
         torch.testing.assert_close(v, trained.to(v.dtype), rtol=2e-3, atol=1e-4, msg=k)
+
+
+def test_saving_the_same_weights_twice_gives_the_same_file(tiny_bundle, tmp_path):
+    """A checksum in config.json is only useful if a save is deterministic."""
+    from synthbrain.bundle import save_weights
+
+    model = load_bundle(tiny_bundle).autoencoder
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert save_weights(a, "autoencoder", model, {"k": 1, "j": 2}) == save_weights(b, "autoencoder", model,
+                                                                                    {"k": 1, "j": 2})
