@@ -40,7 +40,8 @@ def test_training_curves_come_from_the_bundles_training_log(monkeypatch, tmp_pat
     monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
     at = open_page("model")
     assert not at.exception
-    (chart,) = at.get("plotly_chart")
-    fig = json.loads(chart.proto.spec)
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert len(figs) == 2  # the demo bundle's own autoencoder log, and the prior log written here
+    (fig,) = [f for f in figs if f["layout"]["title"]["text"] == "prior: loss"]
     ys = sorted(float(v) for trace in fig["data"] for v in plotly_array(trace["y"]))
     assert ys == [0.5, 0.7, 0.9]
