@@ -23,7 +23,7 @@ def machine() -> str:
 def write_section(name: str, command: str, body: str) -> None:
     """Replace (or append) the section ``name`` in results.md."""
     text = RESULTS.read_text() if RESULTS.is_file() else HEADER
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"<!-- {name} -->\n## {name}\n\nCommand: `{command}`  \nMeasured {stamp} on {machine()}.\n\n"
                f"{body.strip()}\n<!-- /{name} -->\n")
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)

@@ -80,7 +80,8 @@ def main() -> None:
     comp = cfg.compression(b.grid.shape)
     body = (f"Grid {b.grid.name} {'x'.join(map(str, b.grid.shape))}; VQ-VAE channels {list(cfg.channels)}, "
             f"{cfg.num_res_layers} residual layer(s) per level, {cfg.num_embeddings} codes x {cfg.embedding_dim} dims, "
-            f"{sum(p.numel() for p in b.autoencoder.parameters()) / 1e6:.1f} M parameters; latent {comp['latent_shape']} "
+            f"{sum(p.numel() for p in b.autoencoder.parameters()) / 1e6:.1f} M parameters; "
+            f"latent {comp['latent_shape']} "
             f"= {100 * comp['latent_values_per_voxel']:.2f} % of the voxels. {args.threads} threads, "
             f"median of {args.repeats} after a warm-up.\n\n"
             "| what | median (s) | best (s) | peak RSS (MB) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")

@@ -61,7 +61,8 @@ def adherence(bundle, volumes: list[np.ndarray], conds: list[dict]) -> dict:
     from synthbrain.metrics import agreement
 
     m = [measure_volume(Volume(v, bundle.grid.affine)) for v in volumes]
-    return {k: agreement([c[k] for c in conds], [getattr(x, k) for x in m]) for k in ("ventricular_volume", "brain_volume")}
+    names = ("ventricular_volume", "brain_volume")
+    return {k: agreement([c[k] for c in conds], [getattr(x, k) for x in m]) for k in names}
 
 
 def timed(fn, repeats: int) -> float:
@@ -100,10 +101,11 @@ def main() -> None:
     a = adherence(bundle, base_vols, conds)
     rows.append(("MONAI LatentDiffusionInferer.sample, DDIM 50", t_base, t_base4, a, 1.0))
     for k in args.steps:
-        t1 = timed(lambda: gen.sample(conds[0], n=1, seed=0, steps=k), args.repeats)
-        t4 = timed(lambda: gen.sample(conds[:4], n=4, seed=0, steps=k, batch_size=4), 1) / 4
+        t1 = timed(lambda k=k: gen.sample(conds[0], n=1, seed=0, steps=k), args.repeats)
+        t4 = timed(lambda k=k: gen.sample(conds[:4], n=4, seed=0, steps=k, batch_size=4), 1) / 4
         vols = [gen.sample(c, n=1, seed=s, steps=k)[0].volume.data for c, s in zip(conds, seeds)]
-        rows.append((f"synthbrain Generator, DDIM {k}, batched CFG", t1, t4, adherence(bundle, vols, conds), t_base / t1))
+        a = adherence(bundle, vols, conds)
+        rows.append((f"synthbrain Generator, DDIM {k}, batched CFG", t1, t4, a, t_base / t1))
         print(rows[-1])
 
     table = ["| sampler | s / brain (1 at a time) | s / brain (batch of 4) | speed-up (1 at a time) | "

@@ -85,7 +85,9 @@ class Condition:
             try:
                 v = float(value)
             except (TypeError, ValueError):
-                raise ConditionError(f"{self.name}: {value!r} is not a number (valid range {self.range_text})") from None
+                raise ConditionError(
+                    f"{self.name}: {value!r} is not a number (valid range {self.range_text})"
+                ) from None
             if not math.isfinite(v) or not self.low <= v <= self.high:
                 raise ConditionError(f"{self.name} = {value} is out of range; valid range is {self.range_text}")
             return v

@@ -148,7 +148,8 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
             if None not in vols:
                 wins += vols[1] > vols[0]
                 diffs.append(vols[1] - vols[0])
-        result["ageing"] = {"ages": [young, old], "seeds": n_ageing, "share_larger_ventricles_when_older": wins / n_ageing,
+        result["ageing"] = {"ages": [young, old], "seeds": n_ageing,
+                            "share_larger_ventricles_when_older": wins / n_ageing,
                             "mean_ventricle_increase_mL": float(np.mean(diffs)) if diffs else float("nan"),
                             "unmeasurable_pairs": n_ageing - len(diffs)}
 

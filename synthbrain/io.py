@@ -83,7 +83,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise InvalidVolumeError(f"{path.name}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 -- only open() is guarded; read errors must not become 'cannot open'
     except OSError as e:
         raise InvalidVolumeError(f"{path.name}: cannot open: {e.strerror}") from e
     with f:

@@ -32,7 +32,6 @@ from synthbrain.grids import DEMO, FULL, Grid
 from synthbrain.io import Volume
 
 
-
 @dataclass(frozen=True)
 class Measurement:
     brain_volume: float          # mL, grey + white matter

@@ -26,7 +26,9 @@ class Reconstruction:
 
 
 @torch.inference_mode()
-def reconstruct(bundle, volume: Volume, device: str | torch.device = "cpu", preprocessed: bool = False) -> Reconstruction:
+def reconstruct(
+    bundle, volume: Volume, device: str | torch.device = "cpu", preprocessed: bool = False
+) -> Reconstruction:
     """Preprocess ``volume`` onto the bundle's grid (unless ``preprocessed``), encode, quantise, decode."""
     from synthbrain.data.preprocess import preprocess
     from synthbrain.metrics import reconstruction_metrics

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import subprocess_env
+
 from synthbrain.bundle import copy_bundle, load_bundle, read_config
 from synthbrain.errors import BundleError
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig

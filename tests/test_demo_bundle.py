@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import subprocess_env
+
 from synthbrain.bundle import demo_bundle_path, load_bundle
 from synthbrain.data.bids import read_tsv
 

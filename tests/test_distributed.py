@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import TINY_AUTOENCODER, subprocess_env, write_json
+from safetensors.torch import load_file
 
 
 @pytest.mark.slow

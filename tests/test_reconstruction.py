@@ -9,8 +9,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import TINY_AUTOENCODER, TINY_PRIOR, subprocess_env, write_json
+
 from synthbrain.io import read_volume
 
 

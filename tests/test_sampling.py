@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import subprocess_env
+
 from synthbrain.bundle import load_bundle
 from synthbrain.data.bids import read_tsv
 from synthbrain.errors import ConditionError
@@ -46,7 +46,7 @@ def test_output_is_a_volume_on_the_grid(gen):
     s = gen.sample(None, seed=0, steps=2)[0]
     assert s.volume.shape == gen.grid.shape
     np.testing.assert_array_equal(s.volume.affine, gen.grid.affine)
-    assert 0.0 <= s.volume.data.min() and s.volume.data.max() <= 1.0
+    assert s.volume.data.min() >= 0.0 and s.volume.data.max() <= 1.0
     # unspecified: age and sex take the schema's defaults, the volumes what is typical for them
     typical = gen.bundle.population.typical(gen.schema, {"age": gen.schema["age"].default, "sex": "F"})
     assert s.conditions == gen.schema.complete(typical)
@@ -80,7 +80,8 @@ def test_sample_cli_writes_a_labelled_synthetic_dataset(tiny_bundle, tmp_path):
     rows = read_tsv(tmp_path / "out" / "participants.tsv")
     assert [row["seed"] for row in rows] == ["7", "8"]
     assert {row["sex"] for row in rows} == {"M"} and float(rows[0]["age"]) == 72.0
-    assert {"measured_brain_volume", "measured_ventricular_volume", "ventricular_volume", "brain_volume"} <= set(rows[0])
+    assert {"measured_brain_volume", "measured_ventricular_volume", "ventricular_volume",
+            "brain_volume"} <= set(rows[0])
     files = sorted((tmp_path / "out").glob("sub-*/anat/*_T1w.nii.gz"))
     assert len(files) == 2 and "res-5" in files[0].name and "space-MNI152NLin2009aSym" in files[0].name
     side = json.loads(files[0].with_name(files[0].name.replace(".nii.gz", ".json")).read_text())

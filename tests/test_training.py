@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_AUTOENCODER, subprocess_env, write_json
 from safetensors.torch import load_file
 
-from conftest import TINY_AUTOENCODER, subprocess_env, write_json
 from synthbrain.errors import ConfigError, SynthBrainError
 from synthbrain.training.autoencoder import AutoencoderTraining, train_autoencoder
 from synthbrain.training.checkpoint import list_checkpoints
@@ -126,6 +126,7 @@ def test_resumed_prior_equals_uninterrupted_prior(tiny_bundle, tiny_cohort, tmp_
     """The prior's noise, timesteps and condition dropout come from (seed, rank, step): a run stopped
     after a checkpoint and resumed ends where the uninterrupted run does."""
     from conftest import TINY_PRIOR
+
     from synthbrain.training.prior import train_prior
 
     ae = tiny_bundle  # any bundle with an autoencoder

@@ -80,7 +80,8 @@ def _file_fingerprint(path: Path, grid: Grid) -> str:
 
     st = path.stat()
     g = grid.to_dict()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{g['shape']}:{g['spacing']}:{g['origin']}:{code_hash(preprocess)}"
+    return (f"{path.name}:{st.st_size}:{st.st_mtime_ns}:"
+            f"{g['shape']}:{g['spacing']}:{g['origin']}:{code_hash(preprocess)}")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ def test_training_curves_come_from_the_bundles_training_log(monkeypatch, tmp_pat
     # a bundle exported by training carries its run's log
     assert (tiny_bundle / "autoencoder_training.csv").is_file() and (tiny_bundle / "prior_training.csv").is_file()
     folder = shutil.copytree(demo_bundle_path(), tmp_path / "bundle")
-    (folder / "prior_training.csv").write_text("step,split,name,value\n1,train,loss,0.9\n2,train,loss,0.5\n2,val,loss,0.7\n")
+    (folder / "prior_training.csv").write_text(
+        "step,split,name,value\n1,train,loss,0.9\n2,train,loss,0.5\n2,val,loss,0.7\n"
+    )
     monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
     at = open_page("model")
     assert not at.exception
