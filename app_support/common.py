@@ -150,6 +150,22 @@ PHANTOM_NOTE = ("This demo model was trained on a **phantom** cohort: the MNI152
                 "phantom's, not a real brain's.")
 
 
+def sampling_page(title: str, without_prior: str):
+    """The head of a page that samples: title, the synthetic-data note, the phantom note where it
+    applies; stops with ``without_prior`` if the chosen bundle cannot sample. Returns the bundle."""
+    from synthbrain.sampling import SYNTHETIC_NOTE
+
+    bundle = current_bundle()
+    st.title(title)
+    st.caption(SYNTHETIC_NOTE)
+    if is_phantom(bundle):
+        st.info(PHANTOM_NOTE, icon=":material/info:")
+    if not bundle.has_prior:
+        st.error(f"{bundle.name}: this bundle has no prior (stage 2), so it {without_prior}")
+        st.stop()
+    return bundle
+
+
 # ----------------------------------------------------------------------------------------- widgets
 
 

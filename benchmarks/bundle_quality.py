@@ -45,7 +45,8 @@ def main() -> None:
         v, br, age = p["ventricular_volume_adherence"], p["brain_volume_adherence"], p["ageing"]
         d, r = p["diversity"], p["realism"]
         body = (f"{p['subjects']} requested condition sets (real subjects' combinations from `{p['data']}`), "
-                f"{p['steps']} DDIM steps, guidance {p['guidance']}, prior trained "
+                f"{p['steps']} steps of {p.get('sampler', 'DDIM')}, guidance {p['guidance']}, "
+                f"{p.get('precision', 'fp32')}, prior trained "
                 f"{cfg['prior']['steps_trained']} steps; {p.get('unmeasurable_samples', 0)} samples unmeasurable.\n\n"
                 "| metric | value | goal |\n|---|---|---|\n"
                 f"| ventricular volume: r / MAE / bias | "

@@ -267,6 +267,25 @@ def update_metrics(path: str | Path, section: str, values: dict) -> dict:
     return metrics
 
 
+def set_sampling_defaults(path: str | Path, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Make ``steps`` / ``guidance`` the prior's default sampling settings (what the CLI and the app use
+    when none are asked for). The weights are untouched, so the metrics stay; returns the prior config."""
+    path = Path(path)
+    config = read_config(path)
+    if "prior" not in config:
+        raise BundleError(f"{path}: bundle has no prior")
+    from synthbrain.models.prior import PriorConfig
+
+    model = config["prior"]["config"]
+    if steps is not None:
+        model["default_steps"] = int(steps)
+    if guidance is not None:
+        model["default_guidance"] = float(guidance)
+    PriorConfig.from_dict(model)  # validated before it is written
+    write_config(path, config)
+    return model
+
+
 def copy_bundle(src: Path, dst: Path) -> Path:
     """Copy a bundle folder (config, weights, metrics, card) to ``dst``."""
     src, dst = Path(src), Path(dst)

@@ -176,6 +176,7 @@ def train_prior_cmd(
 
 
 BundleOpt = typer.Option(None, "--bundle", help="model bundle folder (default: the shipped demo bundle)")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs and AMX CPUs, else fp32), fp32, bf16, fp16")
 
 
 @app.command()
@@ -211,10 +212,11 @@ def sample(
     condition: list[str] = typer.Option([], "--condition", help="any condition as NAME=VALUE"),
     n: int = typer.Option(1, "--n", min=1, help="number of brains"),
     seed: int = typer.Option(0, "--seed", help="sample i uses seed + i"),
-    steps: int | None = typer.Option(None, "--steps", min=1, help="DDIM steps (default: the bundle's)"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
     out: Path = typer.Option(..., "--out", help="folder for the BIDS-like synthetic dataset"),
     device: str = typer.Option("auto", "--device", help="auto (GPU if there is one), cpu, cuda"),
+    precision: str = PrecisionOpt,
     no_measure: bool = typer.Option(False, "--no-measure", help="skip measuring the samples' volumes"),
 ) -> None:
     """Sample synthetic brains for requested conditions. An unspecified volume takes the value typical of
@@ -232,13 +234,14 @@ def sample(
         values[k.strip()] = v.strip()
     values = {k: v for k, v in values.items() if v is not None}
     b = load_bundle(bundle)
-    gen = Generator(b, device=pick_device(device))
+    gen = Generator(b, device=pick_device(device), precision=precision)
     full = gen.complete(values)  # validates before any work: out-of-range values stop here
     with progress(f"sample ({gen.device})") as on_step:
         samples = gen.sample(full, n=n, seed=seed, steps=steps, guidance=guidance, on_step=on_step)
     with progress("write + measure") as on_step:
         write_samples(out, samples, b, measure=not no_measure, on_step=on_step)
-    typer.echo(f"wrote {n} synthetic brains to {out} ({samples[0].seconds:.2f} s per brain on {gen.device})")
+    typer.echo(f"wrote {n} synthetic brains to {out} ({samples[0].seconds:.2f} s per brain on {gen.device}, "
+               f"{gen.precision})")
 
 
 @evaluate_app.command("autoencoder")
@@ -265,14 +268,21 @@ def evaluate_prior_cmd(
     device: str = typer.Option("cpu", "--device"),
     n_conditions: int = typer.Option(32, "--n-conditions", min=3),
     n_ageing: int = typer.Option(20, "--n-ageing", min=1),
-    steps: int | None = typer.Option(None, "--steps", min=1),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
+    guidance: float | None = typer.Option(None, "--guidance", help="guidance scale (default: the bundle's)"),
+    precision: str = PrecisionOpt,
+    set_defaults: bool = typer.Option(False, "--set-defaults",
+                                      help="make --steps / --guidance the bundle's sampling defaults"),
 ) -> None:
     """Conditioning adherence, ageing, diversity, realism (MMD) and sampling time -> metrics.json."""
+    from synthbrain.bundle import set_sampling_defaults
     from synthbrain.evaluation import evaluate_prior
 
+    if set_defaults:  # before the run, so that the metrics describe the bundle as it now samples
+        set_sampling_defaults(bundle, steps=steps, guidance=guidance)
     with progress("evaluate prior") as on_step:
         r = evaluate_prior(bundle, data, device=device, n_conditions=n_conditions, n_ageing=n_ageing, steps=steps,
-                           on_step=on_step)
+                           guidance=guidance, precision=precision, on_step=on_step)
     v, b = r.get("ventricular_volume_adherence", {}), r.get("brain_volume_adherence", {})
     typer.echo(f"ventricles r {v.get('r', float('nan')):.3f} (MAE {v.get('mae', float('nan')):.1f} mL)  "
                f"brain r {b.get('r', float('nan')):.3f} (MAE {b.get('mae', float('nan')):.1f} mL)  "

@@ -149,6 +149,24 @@ def test_metrics_of_replaced_weights_are_dropped(tiny_bundle, tmp_path):
     assert "autoencoder" in metrics and "prior" not in metrics  # the autoencoder did not change
 
 
+def test_sampling_defaults_change_without_touching_weights_or_metrics(tiny_bundle, tmp_path):
+    from synthbrain.bundle import set_sampling_defaults, update_metrics
+    from synthbrain.errors import ConfigError
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    update_metrics(b, "prior", {"seconds_per_sample": 1.0})
+    weights = (b / "prior.safetensors").read_bytes()
+    set_sampling_defaults(b, steps=4, guidance=3.0)
+    cfg = load_bundle(b).prior.config
+    assert (cfg.default_steps, cfg.default_guidance) == (4, 3.0)
+    assert (b / "prior.safetensors").read_bytes() == weights
+    assert "prior" in json.loads((b / "metrics.json").read_text())
+    before = (b / "config.json").read_text()
+    with pytest.raises(ConfigError, match="default_guidance must be in 0..20"):
+        set_sampling_defaults(b, guidance=99.0)
+    assert (b / "config.json").read_text() == before
+
+
 def test_bundle_weights_equal_the_trained_network(tiny_bundle):
     """The bundle holds the final checkpoint's weights (as float16), not some other tensors."""
     from safetensors.torch import load_file

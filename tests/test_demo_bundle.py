@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import subprocess_env
 
@@ -73,3 +74,22 @@ def test_demo_sample_cli_volumes_move_with_the_request(tmp_path):
         assert float(old["ventricular_volume"]) > float(young["ventricular_volume"])  # requested
         assert float(old["measured_ventricular_volume"]) > float(young["measured_ventricular_volume"])
         assert float(old["measured_brain_volume"]) < float(young["measured_brain_volume"])
+
+
+def test_demo_edit_keeps_the_subject_at_low_strength():
+    """SDEdit starts the solver part-way: a weak edit of the MNI152 template under new conditions
+    stays near the template, a full-strength one is a new brain."""
+    from nilearn.datasets import MNI152_FILE_PATH
+
+    from synthbrain.data.preprocess import preprocess
+    from synthbrain.io import read_volume
+    from synthbrain.sampling import Generator
+
+    gen = Generator.from_bundle(device="cpu")
+    source = preprocess(read_volume(MNI152_FILE_PATH), gen.grid)[0].data
+    weak = gen.edit(source, {"age": 85}, strength=0.3, seed=1)
+    full = gen.edit(source, {"age": 85}, strength=1.0, seed=1)
+    assert weak.info["strength"] == 0.3 and weak.volume.shape == source.shape
+    err_weak = float(np.abs(weak.volume.data - source).mean())
+    err_full = float(np.abs(full.volume.data - source).mean())
+    assert err_weak < 0.6 * err_full

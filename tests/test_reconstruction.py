@@ -63,8 +63,11 @@ def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
          "--config", write_json(tmp_path / "p.json", TINY_PRIOR), "--device", "cpu")
     full = tmp_path / "prior" / "bundle"
     _cli("evaluate", "prior", "--bundle", full, "--data", tmp_path / "data", "--n-conditions", 4, "--n-ageing", 2,
-         "--steps", 2)
+         "--steps", 2, "--guidance", 1.5, "--set-defaults")
     p = json.loads((full / "metrics.json").read_text())["prior"]
+    assert p["steps"] == 2 and p["guidance"] == 1.5 and "DPM-Solver++" in p["sampler"]
+    defaults = json.loads((full / "config.json").read_text())["prior"]["config"]
+    assert (defaults["default_steps"], defaults["default_guidance"]) == (2, 1.5)
     assert {"ventricular_volume_adherence", "brain_volume_adherence", "ageing", "diversity", "realism",
             "seconds_per_sample"} <= set(p)
     assert p["ageing"]["seeds"] == 2 and 0.0 <= p["ageing"]["share_larger_ventricles_when_older"] <= 1.0

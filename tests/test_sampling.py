@@ -103,3 +103,39 @@ def test_sample_cli_refuses_out_of_range_in_one_line(tiny_bundle, tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "valid range" in r.stderr and "years" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_solver_runs_on_the_noise_schedule_the_prior_was_trained_with(gen):
+    import torch
+    from monai.networks.schedulers import DDPMScheduler
+
+    from synthbrain.sampling import make_scheduler
+
+    trained = DDPMScheduler(**gen.config.scheduler_kwargs())
+    solver = make_scheduler(gen.config)
+    torch.testing.assert_close(solver.alphas_cumprod.float(), trained.alphas_cumprod.float())
+    assert solver.config.prediction_type == gen.config.prediction_type
+    solver.set_timesteps(5)
+    assert len(solver.timesteps) == 5 and int(solver.timesteps[0]) > int(solver.timesteps[-1])
+
+
+def test_precision_is_resolved_checked_and_recorded(gen, tiny_bundle):
+    import torch
+
+    from synthbrain.errors import ConfigError
+    from synthbrain.sampling import resolve_precision, sample_sidecar
+
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    assert resolve_precision(cpu, "auto") in ("fp32", "bf16")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        resolve_precision(cpu, "int8")
+    fp32 = Generator(load_bundle(tiny_bundle), device="cpu", precision="fp32")
+    bf16 = Generator(load_bundle(tiny_bundle), device="cpu", precision="bf16")
+    a = fp32.sample({"age": 70}, seed=5, steps=3)[0]
+    b = bf16.sample({"age": 70}, seed=5, steps=3)[0]
+    assert sample_sidecar(a, fp32.bundle)["Precision"] == "fp32"
+    assert sample_sidecar(b, bf16.bundle)["Precision"] == "bf16"
+    # bf16 autocast rounds, it does not change the brain
+    assert float(np.abs(a.volume.data - b.volume.data).mean()) < 0.02
+

@@ -35,9 +35,9 @@ class PriorConfig:
     schedule: str = "scaled_linear_beta"     # as the MONAI brain LDM
     beta_start: float = 0.0015
     beta_end: float = 0.0195
-    prediction_type: str = "v_prediction"    # v keeps few-step DDIM sampling stable
+    prediction_type: str = "v_prediction"    # v keeps few-step sampling stable
     condition_dropout: float = 0.15
-    default_steps: int = 10                  # sampling steps when none are asked for
+    default_steps: int = 5                   # DPM-Solver++ steps when none are asked for
     default_guidance: float = 2.0
 
     def __post_init__(self) -> None:
@@ -52,6 +52,10 @@ class PriorConfig:
             raise ConfigError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError("condition_dropout must be in [0, 1)")
+        if not 1 <= self.default_steps <= self.num_train_timesteps:
+            raise ConfigError(f"default_steps must be in 1..{self.num_train_timesteps}, got {self.default_steps}")
+        if not 0.0 <= self.default_guidance <= 20.0:
+            raise ConfigError(f"default_guidance must be in 0..20, got {self.default_guidance}")
 
     @property
     def downsampling(self) -> int:

@@ -11,7 +11,6 @@ from app_support import common, scans, trajectory
 from app_support.results import base_layer
 from app_support.viewer import Panel, viewer
 from synthbrain.errors import SynthBrainError
-from synthbrain.sampling import SYNTHETIC_NOTE
 
 RESULT = "traj_result"           # this session's latest Trajectory
 FRAME = "traj_frame"             # index of the frame shown
@@ -19,16 +18,9 @@ PLAY = "traj_play"
 PLAY_SECONDS = 1.2               # per frame while playing (the viewer reloads one volume per frame)
 STARTS = {"seed": "A seed: a new synthetic brain", "scan": "A real scan: edit it, keeping the subject"}
 
-bundle = common.current_bundle()
+bundle = common.sampling_page("Trajectories: one brain through age", "cannot generate a series.")
 schema = bundle.schema
 population = bundle.population
-st.title("Trajectories: one brain through age")
-st.caption(SYNTHETIC_NOTE)
-if common.is_phantom(bundle):
-    st.info(common.PHANTOM_NOTE, icon=":material/info:")
-if not bundle.has_prior:
-    st.error(f"{bundle.name}: this bundle has no prior (stage 2), so it cannot generate a series.")
-    st.stop()
 axis = trajectory.axis_name(schema)
 ax = schema[axis]
 ax_label = f"{ax.label} ({ax.unit})" if ax.unit else ax.label

@@ -10,7 +10,6 @@ import streamlit as st
 from app_support import common, results
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
-from synthbrain.sampling import SYNTHETIC_NOTE
 
 GALLERY = "gen_gallery"          # this session's samples (list of GalleryItem), newest last
 CURRENT = "gen_current"          # number of the sample shown on top
@@ -18,16 +17,9 @@ MAX_GALLERY = 12                 # oldest samples are dropped beyond this many .
 MAX_GALLERY_BYTES = 120 * 2**20  # ... or this much memory (a 1 mm sample is ~30 MB), keeping at least 2
 VOLUME_CONDITIONS = ("ventricular_volume", "brain_volume")
 
-bundle = common.current_bundle()
+bundle = common.sampling_page("Generate a synthetic brain",
+                              "cannot generate; it can still reconstruct scans on the Compare page.")
 schema = bundle.schema
-st.title("Generate a synthetic brain")
-st.caption(SYNTHETIC_NOTE)
-if common.is_phantom(bundle):
-    st.info(common.PHANTOM_NOTE, icon=":material/info:")
-if not bundle.has_prior:
-    st.error(f"{bundle.name}: this bundle has no prior (stage 2), so it cannot generate; it can still "
-             "reconstruct scans on the Compare page.")
-    st.stop()
 
 # ------------------------------------------------------------------------------------- controls
 with st.sidebar:
@@ -49,7 +41,7 @@ with st.sidebar:
                            disabled=random_seed, help="The same seed and conditions give the same brain.")
     prior_cfg = bundle.prior.config
     steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="gen_steps",
-                      help="DDIM steps: more is slower and usually cleaner.")
+                      help="Solver steps (DPM-Solver++): more is slower; past about 5 it changes little.")
     guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="gen_guidance",
                          help="Classifier-free guidance: how strongly the conditions are followed (1 = none).")
     go = st.button("Generate", type="primary", width="stretch", key="gen_go")
@@ -85,7 +77,7 @@ if item is None:
 s = item.sample
 st.subheader(f"Sample {item.number}")
 st.markdown(f"{item.describe(schema)} · seed **{s.seed}** · {s.steps} steps · guidance {s.guidance:g} · "
-            f"{s.seconds:.1f} s")
+            f"{s.seconds:.1f} s ({s.info.get('precision', 'fp32')})")
 slices, solid = st.columns([2.6, 1], gap="small")
 with slices:  # drawn first: the 3D surfaces are built after the slices are on their way
     viewer([item.panel("Synthetic T1w (not a person)")], key="gen_viewer", sync=False, height=400)

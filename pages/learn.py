@@ -113,7 +113,8 @@ st.header("2. The prior: from noise to a brain")
 st.markdown(
     "The prior never sees voxels: it works on the latent grid. Training takes real latents, adds random noise of "
     "a random strength, and teaches a 3D U-Net to tell the noise from the brain, given the subject's conditions. "
-    "Sampling runs this backwards: start from pure noise and remove a little at each step (the DDIM sampler). "
+    "Sampling runs this backwards: start from pure noise and remove a little at each step (the DPM-Solver++ "
+    "sampler, which needs only a handful of steps). "
     "*Guidance* compares the network's answer with and without the conditions and exaggerates the difference, so "
     "the conditions are followed more closely. Below, each step's latent is decoded by the VQ-VAE to show where "
     "the sampler is.")
