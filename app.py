@@ -4,9 +4,9 @@ import streamlit as st
 
 st.set_page_config(page_title="SynthBrain", page_icon=":material/neurology:", layout="wide")
 st.navigation([
-    st.Page("pages/generate.py", title="Generate", icon=":material/neurology:", default=True),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
-    st.Page("pages/trajectories.py", title="Trajectories", icon=":material/timeline:"),
-    st.Page("pages/model.py", title="Model", icon=":material/description:"),
-    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
+    st.Page("app_pages/generate.py", title="Generate", icon=":material/neurology:", default=True),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/trajectories.py", title="Trajectories", icon=":material/timeline:"),
+    st.Page("app_pages/model.py", title="Model", icon=":material/description:"),
+    st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
 ]).run()

@@ -19,11 +19,11 @@ TIMEOUT = 180  # s per script run: a first run loads the bundle and builds the t
 
 
 def open_page(name: str):
-    """AppTest of app.py switched to ``pages/<name>.py``, run once."""
+    """AppTest of app.py switched to ``app_pages/<name>.py``, run once."""
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    at.switch_page(f"pages/{name}.py")
+    at.switch_page(f"app_pages/{name}.py")
     return at.run()
 
 
