@@ -57,11 +57,7 @@ class AutoencoderStage:
 
         self.cfg, self.device, self.dist = cfg, device, dist
         self.model = model.to(device)
-        net = self.model
-        if dist.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.net = net
+        self.net = net = dist.wrap(self.model, device)
         self.networks: dict[str, torch.nn.Module] = {"autoencoder": net}
         t = cfg.train
         self.optimizers: dict[str, torch.optim.Optimizer] = {
@@ -73,7 +69,7 @@ class AutoencoderStage:
         if cfg.loss.adversarial > 0:
             d = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=cfg.loss.discriminator_channels,
                                    in_channels=1, out_channels=1).to(device)
-            self.disc = torch.nn.parallel.DistributedDataParallel(d) if dist.enabled else d
+            self.disc = dist.wrap(d, device)
             self.networks["discriminator"] = self.disc
             self.optimizers["discriminator"] = torch.optim.AdamW(d.parameters(), lr=cfg.loss.discriminator_lr)
             self.adv = PatchAdversarialLoss(criterion="least_squares")

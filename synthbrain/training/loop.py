@@ -115,6 +115,13 @@ class DistContext:
         if self.enabled:
             torch.distributed.barrier()
 
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``module`` in DistributedDataParallel when there are several processes, else as it is."""
+        if not self.enabled:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+
 
 @contextlib.contextmanager
 def distributed(device: torch.device) -> Iterator[DistContext]:

@@ -56,11 +56,7 @@ class PriorStage:
 
         self.cfg, self.scale, self.device = cfg, scale, device
         self.prior = prior.to(device)
-        net = self.prior
-        if dist.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.net = net
+        self.net = net = dist.wrap(self.prior, device)
         self.ema = AveragedModel(self.prior, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.networks = {"prior": net, "prior_ema": self.ema}
         self.optimizers = {"prior": torch.optim.AdamW(prior.parameters(), lr=cfg.train.lr,
