@@ -279,6 +279,8 @@ def evaluate_prior_cmd(
     from synthbrain.evaluation import evaluate_prior
 
     if set_defaults:  # before the run, so that the metrics describe the bundle as it now samples
+        if steps is None and guidance is None:
+            raise SynthBrainError("--set-defaults needs --steps and/or --guidance")
         set_sampling_defaults(bundle, steps=steps, guidance=guidance)
     with progress("evaluate prior") as on_step:
         r = evaluate_prior(bundle, data, device=device, n_conditions=n_conditions, n_ageing=n_ageing, steps=steps,

@@ -37,7 +37,7 @@ class PriorConfig:
     beta_end: float = 0.0195
     prediction_type: str = "v_prediction"    # v keeps few-step sampling stable
     condition_dropout: float = 0.15
-    default_steps: int = 5                   # DPM-Solver++ steps when none are asked for
+    default_steps: int = 4                   # DPM-Solver++ steps when none are asked for
     default_guidance: float = 2.0
 
     def __post_init__(self) -> None:
