@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-from e2e_helpers import CHROMIUM, CHROMIUM_ARGS, VIEWER_FRAME, Server, wait_for_script  # noqa: E402
+from e2e_helpers import CHROMIUM, CHROMIUM_ARGS, VIEWER_FRAME, Server, open_app_page, wait_for_script  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -56,9 +56,7 @@ def viewer_frame(page):
 
 
 def open_generate(page, url: str) -> None:
-    page.goto(url)
-    page.get_by_text("Generate a synthetic brain").wait_for()
-    wait_for_script(page)
+    open_app_page(page, url)
 
 
 def click_generate(page, number: int, marks: dict | None = None) -> float:
@@ -80,9 +78,7 @@ def click_generate(page, number: int, marks: dict | None = None) -> float:
 
 
 def reconstruct_template(page, url: str) -> None:
-    page.goto(url + "/compare")
-    page.get_by_text("Compare a scan with its reconstruction").wait_for()
-    wait_for_script(page)
+    open_app_page(page, url, "/compare")
     page.get_by_role("button", name="Reconstruct").click()
     page.get_by_text("Reconstruction quality").wait_for(timeout=180_000)
     wait_for_script(page)

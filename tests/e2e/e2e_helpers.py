@@ -84,6 +84,17 @@ def wait_for_script(page, timeout_ms: int = 120_000) -> None:
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
 
 
+PAGES = {"": "Generate a synthetic brain", "/compare": "Compare a scan with its reconstruction",
+         "/trajectories": "Trajectories: one brain through age", "/learn": "Learn: how a synthetic brain is made"}
+
+
+def open_app_page(page, url: str, path: str = "") -> None:
+    """Go to a page of the app (``path`` one of PAGES) and wait until its script has finished."""
+    page.goto(url + path)
+    page.get_by_text(PAGES[path]).wait_for()
+    wait_for_script(page)
+
+
 def viewer_frame(page, index: int = 0):
     """The index-th synthbrain viewer, once it has drawn its files (its body says data-ready=1)."""
     frame = page.frame_locator(VIEWER_FRAME).nth(index)

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .e2e_helpers import assert_drawn, canvas_pixels, viewer_frame, wait_for_script
+from .e2e_helpers import assert_drawn, canvas_pixels, open_app_page, viewer_frame, wait_for_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -21,9 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_a_deep_link_on_a_fresh_server_gets_the_app(page, server):
     # Streamlit treats an app with a folder named pages/ as an old-style multipage app until the
     # entry script has run once: a first visitor of /compare would get pages without app.py.
-    page.goto(server.url + "/compare")
-    page.get_by_text("Compare a scan with its reconstruction").wait_for()
-    wait_for_script(page)
+    open_app_page(page, server.url, "/compare")
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
     assert [line for line in nav.splitlines() if line.strip() in ("Generate", "Compare", "Model")] == [
         "Generate", "Compare", "Model"]
@@ -31,9 +29,7 @@ def test_a_deep_link_on_a_fresh_server_gets_the_app(page, server):
 
 
 def test_generate_draws_the_brain(page, server):
-    page.goto(server.url)
-    page.get_by_text("Generate a synthetic brain").wait_for()
-    wait_for_script(page)
+    open_app_page(page, server.url)
     assert "not a scan of any person" in page.inner_text("body")
 
     age = page.locator('[data-testid="stSlider"]').filter(has_text="Age (years)").locator("input[type=range]")
@@ -87,6 +83,14 @@ def test_generate_draws_the_brain(page, server):
     assert np.abs(canvas_pixels(canvas).astype(int) - plain).mean() > 2
 
 
+def upload_on_compare(page, server, path) -> None:
+    """Open Compare, choose the upload source and drop ``path`` into the uploader."""
+    open_app_page(page, server.url, "/compare")
+    page.get_by_text("Upload a NIfTI").click()
+    wait_for_script(page)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(path))
+
+
 def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_path):
     from synthbrain.data.template import load_template
     from synthbrain.grids import DEMO
@@ -94,12 +98,7 @@ def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_pa
 
     scan = write_volume(tmp_path / "my_scan.nii.gz", Volume(load_template(DEMO).t1 * 900.0, DEMO.affine),
                         description="test scan")
-    page.goto(server.url + "/compare")
-    page.get_by_text("Compare a scan with its reconstruction").wait_for()
-    wait_for_script(page)
-    page.get_by_text("Upload a NIfTI").click()
-    wait_for_script(page)
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(scan))
+    upload_on_compare(page, server, scan)
     page.get_by_text("my_scan.nii.gz: 80 x 112 x 80 voxels").wait_for()
     wait_for_script(page)
     page.get_by_role("button", name="Reconstruct").click()
@@ -131,12 +130,7 @@ def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_pa
 def test_compare_bad_upload_shows_the_error(page, server, tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b" + b"definitely not a brain" * 10)
-    page.goto(server.url + "/compare")
-    page.get_by_text("Compare a scan with its reconstruction").wait_for()
-    wait_for_script(page)
-    page.get_by_text("Upload a NIfTI").click()
-    wait_for_script(page)
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
+    upload_on_compare(page, server, bad)
     alert = page.locator('[data-testid="stAlert"]').filter(has_text="broken.nii.gz:")
     alert.wait_for()
     text = alert.inner_text()

@@ -8,15 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from .e2e_helpers import assert_drawn, canvas_pixels, viewer_frame, wait_for_script
+from .e2e_helpers import assert_drawn, canvas_pixels, open_app_page, viewer_frame, wait_for_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
-    page.goto(server.url + "/trajectories")
-    page.get_by_text("Trajectories: one brain through age").wait_for()
-    wait_for_script(page)
+    open_app_page(page, server.url, "/trajectories")
     page.get_by_role("button", name="Generate the series").click()
     page.get_by_text("Measured volumes along the series").wait_for(timeout=120_000)
     wait_for_script(page)
@@ -50,9 +48,7 @@ def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
 
 
 def test_learn_shows_the_live_models_pictures(page, server):
-    page.goto(server.url + "/learn")
-    page.get_by_text("Learn: how a synthetic brain is made").wait_for()
-    wait_for_script(page)
+    open_app_page(page, server.url, "/learn")
     page.get_by_role("button", name="Encode and decode the template").click()
     page.get_by_text("How close the reconstruction is").wait_for(timeout=120_000)
     page.get_by_role("button", name="Show the denoising steps").click()
