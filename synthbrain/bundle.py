@@ -182,25 +182,20 @@ def load_bundle(path: str | Path | None = None, device: str = "cpu",
     return bundle
 
 
-WEIGHTS_DTYPE = "float16"  # halves the shipped bundle; networks run in float32 after loading
+# float32, as trained: the bundle reproduces its checkpoint's outputs exactly (float16 weights made every
+# output differ slightly from the run's). Older float16 bundles still load (cast to float32).
+WEIGHTS_DTYPE = "float32"
 
 
 def save_weights(path: Path, component: str, model, config: dict) -> str:
-    """Write ``<component>.safetensors`` (floating tensors as float16, the config in the metadata);
+    """Write ``<component>.safetensors`` (the network's own tensors, the config in the metadata);
     returns its sha256. The bundle *is* these weights: every figure in metrics.json is measured on a
     model loaded from them."""
-    import torch
     from safetensors.torch import save_file
 
     from synthbrain.io import atomic_write
 
-    def small(v: torch.Tensor) -> torch.Tensor:
-        # large statistics (the codebook's EMA counts) would overflow float16: they stay float32
-        if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < 1e4):
-            return v.to(getattr(torch, WEIGHTS_DTYPE))
-        return v
-
-    state = {k: small(v.detach().cpu()).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{component}.safetensors.tmp"
     # one metadata entry: safetensors keeps metadata in a hash map, so with several keys their order,
     # and the file's checksum, would change from one save to the next

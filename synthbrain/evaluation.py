@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from synthbrain.errors import InvalidVolumeError
+from synthbrain.io import Volume
 
 OnStep = Callable[[int, int, dict], None]
 
@@ -27,9 +28,15 @@ def _eval_subjects(bundle, dataset, stage: str) -> tuple[list[int], bool]:
     return list(range(len(dataset))), False
 
 
+RECONSTRUCTION_PNG = "reconstruction.png"
+SAMPLES_PNG = "samples.png"
+
+
 def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str = "cpu",
                          on_step: OnStep | None = None, max_subjects: int | None = None) -> dict:
-    """PSNR, SSIM, MS-SSIM, MAE on (held-out) subjects, codebook usage, compression; into metrics.json."""
+    """Brain-masked PSNR (dB) and SSIM (the headline), whole-volume PSNR, SSIM, MS-SSIM and MAE on
+    (held-out) subjects, codebook usage and the size budget; into metrics.json. Also writes
+    ``reconstruction.png`` into the bundle: original | reconstruction | difference of the median subject."""
     from synthbrain.bundle import load_bundle, update_metrics
     from synthbrain.conditions import ConditionSchema
     from synthbrain.data.bids import BIDSDataset
@@ -40,7 +47,7 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
     idx, held_out = _eval_subjects(bundle, ds, "autoencoder")
     idx = idx[:max_subjects] if max_subjects else idx
     ae = bundle.autoencoder
-    rows, codes, times = [], [], []
+    rows, codes, times, recons = [], [], [], []
     with torch.inference_mode():
         for k, i in enumerate(idx):
             x = torch.from_numpy(ds.volume(i)[None, None].copy()).to(device)
@@ -48,23 +55,63 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
             rec = ae.decode(ae.encode_quantized(x)).float().clamp(0, 1)
             times.append(time.perf_counter() - t0)
             rows.append(reconstruction_metrics(rec, x))
+            recons.append(rec[0, 0].cpu().numpy())
             codes.append(ae.code_indices(x).reshape(-1))
             if on_step:
-                on_step(k + 1, len(idx), {"psnr": rows[-1]["psnr"]})
+                on_step(k + 1, len(idx), {"psnr_brain": rows[-1]["psnr_brain"]})
     result = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    result.update({f"{k}_sd": float(np.std([r[k] for r in rows])) for k in ("psnr", "ssim")})
+    result.update({f"{k}_sd": float(np.std([r[k] for r in rows])) for k in ("psnr_brain", "ssim_brain", "psnr", "ssim")})
     result.update(ae.codebook_stats(torch.cat(codes)))
     comp = ae.config.compression(bundle.grid.shape)
     result.update(latent_values_per_voxel=comp["latent_values_per_voxel"],
                   latent_bits_per_volume_bits=comp["latent_bits_per_volume_bits"], latent_shape=comp["latent_shape"],
+                  code_bits=comp["code_bits"], volume_bits_16bit=comp["volume_bits"],
                   subjects=len(idx), held_out=held_out, data=ds.fingerprint()["name"],
                   seconds_per_volume_encode_decode=float(np.median(times)), device=device,
-                  units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)"},
-                  per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in ("psnr", "ssim")}
+                  units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)", "code_bits": "bits",
+                         "volume_bits_16bit": "bits"},
+                  per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in ("psnr_brain", "ssim_brain", "psnr",
+                                                                                  "ssim")}
                                for i, r in zip(idx, rows)})
+    median = int(np.argsort([r["psnr_brain"] for r in rows])[len(rows) // 2])
+    result["picture"] = {"file": RECONSTRUCTION_PNG, "subject": ds.subjects[idx[median]].label}
+    _write_reconstruction_png(bundle, ds.volume(idx[median]), recons[median], ds.subjects[idx[median]].label,
+                              rows[median], phantom=bool(ds.fingerprint().get("phantom")))
     update_metrics(bundle.path, "autoencoder", result)
     _refresh_card(bundle.path)
     return result
+
+
+def _write_reconstruction_png(bundle, original: np.ndarray, recon: np.ndarray, label: str, m: dict,
+                              phantom: bool) -> None:
+    from synthbrain.io import atomic_write
+    from synthbrain.viz.slices import rows_png
+
+    aff = bundle.grid.affine
+    what = "phantom subject (not a person)" if phantom else "real scan"
+    png = rows_png([(f"original: {what}", Volume(original, aff)), ("reconstruction (derived)", Volume(recon, aff))],
+                   difference=Volume(recon - original, aff), difference_label="reconstruction - original",
+                   title=f"{bundle.config.get('name', 'bundle')}: held-out {label}, PSNR in brain "
+                         f"{m['psnr_brain']:.1f} dB, SSIM in brain {m['ssim_brain']:.3f}",
+                   footer="the subject with the median brain PSNR of the evaluated set")
+    atomic_write(Path(bundle.path) / RECONSTRUCTION_PNG, png)
+
+
+def _write_samples_png(bundle, volumes: list, conditions: list[dict]) -> None:
+    """Axial and coronal planes of synthetic samples, each captioned with its requested conditions."""
+    from synthbrain.io import atomic_write
+    from synthbrain.viz.series import grid_png
+
+    def caption(c: dict) -> str:
+        parts = [f"{c['age']:.0f} y" if "age" in c else "", str(c.get("sex", "")),
+                 f"V {c['ventricular_volume']:.0f}" if "ventricular_volume" in c else "",
+                 f"B {c['brain_volume']:.0f}" if "brain_volume" in c else ""]
+        return " ".join(p for p in parts if p)
+
+    title = (f"{bundle.name}: SYNTHETIC samples (not a person), one seed each; captions: requested age, sex, "
+             "ventricular (V) and brain (B) volume in mL")
+    atomic_write(Path(bundle.path) / SAMPLES_PNG, grid_png(volumes, labels=[caption(c) for c in conditions],
+                                                           px_per_mm=1.25, title=title))
 
 
 def _refresh_card(path: Path) -> None:
@@ -182,6 +229,8 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
                                      "extractor); the real-vs-real value is the floor to compare with"}
     result["seconds_per_sample"] = seconds
     result["device"] = str(gen.device)
+    _write_samples_png(bundle, [Volume(v, bundle.grid.affine) for v in synth[:8]], requested[:8])
+    result["picture"] = {"file": SAMPLES_PNG, "conditions": "the first 8 of the adherence conditions"}
     result["data"] = ds.fingerprint()["name"]
     update_metrics(bundle.path, "prior", result)
     _refresh_card(bundle.path)

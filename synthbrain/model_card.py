@@ -73,6 +73,12 @@ def render_model_card(bundle_dir: Path) -> str:
         if "latent_scale_factor" in s:
             lines.append(f"- latent scale factor {s['latent_scale_factor']:.5g}")
         lines.append("")
+    pictures = {"reconstruction.png": "A held-out subject, its reconstruction and the difference "
+                                      "(`synthbrain evaluate autoencoder`)",
+                "samples.png": "Samples of the prior (`synthbrain evaluate prior`)"}
+    for name, caption in pictures.items():
+        if (bundle_dir / name).is_file():
+            lines += [f"![{caption}]({name})", "", f"*{caption}.*", ""]
     if metrics:
         lines += ["## Metrics (metrics.json)", ""]
         for section, values in metrics.items():

@@ -17,22 +17,48 @@ from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
 from synthbrain.models.prior import Prior, PriorConfig
 
 
-def test_save_load_gives_identical_outputs(tiny_bundle):
-    a = load_bundle(tiny_bundle)
-    b = load_bundle(tiny_bundle)
-    x = torch.rand(1, 1, *a.grid.shape, generator=torch.Generator().manual_seed(0))
+def _outputs(bundle) -> dict[str, torch.Tensor]:
+    """A reconstruction and a prior prediction of fixed inputs (seeded), from a loaded bundle."""
+    x = torch.rand(1, 1, *bundle.grid.shape, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, *bundle.prior.padded_shape, generator=torch.Generator().manual_seed(1))
+    ctx = torch.rand(2, 1, bundle.schema.width, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ra = a.autoencoder.decode(a.autoencoder.encode_quantized(x))
-        rb = b.autoencoder.decode(b.autoencoder.encode_quantized(x))
-        z = torch.randn(2, *a.prior.padded_shape, generator=torch.Generator().manual_seed(1))
-        t = torch.tensor([10, 500])
-        ctx = torch.rand(2, 1, a.schema.width, generator=torch.Generator().manual_seed(2))
-        pa, pb = a.prior(z, t, ctx), b.prior(z, t, ctx)
-    assert torch.equal(ra, rb) and torch.equal(pa, pb)
+        return {"recon": bundle.autoencoder.decode(bundle.autoencoder.encode_quantized(x)),
+                "prior": bundle.prior(z, torch.tensor([10, 500]), ctx)}
+
+
+ROUND_TRIP = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+from test_bundle import _outputs
+from synthbrain.bundle import load_bundle
+torch.save(_outputs(load_bundle(sys.argv[1])), sys.argv[2])
+"""
+
+
+def test_save_load_round_trip_through_files_changes_nothing(tiny_bundle, tmp_path):
+    """Save the loaded networks to a new bundle folder, load that in a fresh process: same outputs."""
+    from pathlib import Path
+
+    from synthbrain.bundle import save_weights, write_config
+
+    a = load_bundle(tiny_bundle)
+    copy = copy_bundle(tiny_bundle, tmp_path / "copy")
+    cfg = read_config(copy)
+    for component in ("autoencoder", "prior"):
+        cfg[component]["sha256"] = save_weights(copy, component, getattr(a, component), cfg[component]["config"])
+    write_config(copy, cfg)
+    out = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", ROUND_TRIP, str(copy), str(out), str(Path(__file__).parent)], check=True,
+                   env=subprocess_env(), capture_output=True)
+    theirs = torch.load(out, weights_only=True)
+    mine = _outputs(a)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     # and a fresh network differs, so the comparison above means something
     fresh = Autoencoder(a.autoencoder.config).eval()
+    x = torch.rand(1, 1, *a.grid.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert not torch.allclose(fresh.decode(fresh.encode_quantized(x)), ra)
+        assert not torch.allclose(fresh.decode(fresh.encode_quantized(x)), mine["recon"])
 
 
 def test_bundle_holds_what_the_design_says(tiny_bundle):
@@ -167,18 +193,32 @@ def test_sampling_defaults_change_without_touching_weights_or_metrics(tiny_bundl
     assert (b / "config.json").read_text() == before
 
 
-def test_bundle_weights_equal_the_trained_network(tiny_bundle):
-    """The bundle holds the final checkpoint's weights (as float16), not some other tensors."""
+def test_bundle_reproduces_its_final_checkpoints_outputs_exactly(tiny_bundle):
+    """The bundle holds the final checkpoint's autoencoder and the prior's EMA weights, bit for bit:
+    networks rebuilt from the checkpoints give exactly the bundle's outputs."""
     from safetensors.torch import load_file
 
     from synthbrain.training.checkpoint import list_checkpoints
 
-    run = tiny_bundle.parent.parent / "ae"
-    ckpt = load_file(str(list_checkpoints(run)[-1] / "tensors.safetensors"))
-    model = load_bundle(tiny_bundle).autoencoder
-    for k, v in model.state_dict().items():
-        trained = ckpt[f"net/autoencoder/{k}"]
-        torch.testing.assert_close(v, trained.to(v.dtype), rtol=2e-3, atol=1e-4, msg=k)
+    bundle = load_bundle(tiny_bundle)
+    runs = tiny_bundle.parent.parent  # .../prior/bundle -> the folder with both runs
+
+    def from_checkpoint(run: str, prefix: str, net: torch.nn.Module) -> torch.nn.Module:
+        tensors = load_file(str(list_checkpoints(runs / run)[-1] / "tensors.safetensors"))
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        net.load_state_dict(state)
+        return net.eval()
+
+    ae = from_checkpoint("ae", "net/autoencoder/", Autoencoder(bundle.autoencoder.config))
+    prior = from_checkpoint("prior", "net/prior_ema/module.",
+                            Prior(bundle.prior.config, bundle.prior.latent_shape, bundle.prior.condition_width))
+    expected = _outputs(bundle)
+    bundle.autoencoder, bundle.prior = ae, prior
+    got = _outputs(bundle)
+    assert torch.equal(got["recon"], expected["recon"]) and torch.equal(got["prior"], expected["prior"])
+    raw = from_checkpoint("prior", "net/prior/", Prior(prior.config, prior.latent_shape, prior.condition_width))
+    bundle.prior = raw
+    assert not torch.equal(_outputs(bundle)["prior"], expected["prior"]), "the bundle's prior is the EMA"
 
 
 def test_saving_the_same_weights_twice_gives_the_same_file(tiny_bundle, tmp_path):

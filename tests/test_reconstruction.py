@@ -56,8 +56,13 @@ def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
     assert "held out" in out
     m = json.loads((bundle / "metrics.json").read_text())["autoencoder"]
     assert m["held_out"] is True and m["subjects"] >= 1
-    assert {"psnr", "ssim", "ms_ssim", "mae", "codebook_usage", "latent_values_per_voxel"} <= set(m)
+    assert {"psnr_brain", "ssim_brain", "psnr", "ssim", "ms_ssim", "mae", "codebook_usage",
+            "latent_values_per_voxel"} <= set(m)
     assert m["latent_values_per_voxel"] == pytest.approx(4 * 4 * 6 * 4 / (32 * 48 * 32))
+    assert m["code_bits"] == 4 * 6 * 4 * 5 and "PSNR" in out and "% of a 16-bit volume" in out  # 32 codes: 5 bits
+    picture = (bundle / m["picture"]["file"]).read_bytes()
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n" and m["picture"]["subject"] in m["per_subject"]
+    assert f"]({m['picture']['file']})" in (bundle / "MODEL_CARD.md").read_text()
 
     _cli("train", "prior", "--bundle", bundle, "--data", tmp_path / "data", "--out", tmp_path / "prior",
          "--config", write_json(tmp_path / "p.json", TINY_PRIOR), "--device", "cpu")

@@ -1,10 +1,15 @@
 """Stage 1: the VQ-VAE autoencoder, a thin wrapper over MONAI's ``VQVAE``.
 
-A volume (B, 1, X, Y, Z) in [0, 1] is encoded to a latent grid 2**len(channels) times smaller per
+A volume (B, 1, X, Y, Z) in [0, 1] is encoded to a latent grid ``prod(strides)`` times smaller per
 axis with ``embedding_dim`` channels, snapped to the nearest of ``num_embeddings`` codebook vectors
-(EMA codebook, MONAI's ``EMAQuantizer``) and decoded back. With the defaults the demo grid
-80 x 112 x 80 becomes a 4 x 10 x 14 x 10 latent: 0.78 % as many values as voxels, or 1,400 code
-indices of 9 bits each (0.11 % of the bits of a 16-bit volume).
+(EMA codebook, MONAI's ``EMAQuantizer``) and decoded back. Each level of ``channels`` is one
+convolution of stride 2 (kernel 4) or 1 (kernel 3) followed by residual layers.
+
+The size budget is the encoded size: one code index of ceil(log2 num_embeddings) bits per latent
+position must come to at most ``MAX_CODE_BITS_FRACTION`` (1 %) of the bits of the same volume stored
+as 16-bit integers. A config over it is refused before anything is trained. With the old default
+(8x per axis) the demo grid 80 x 112 x 80 became 1,400 indices of 9 bits (0.11 %); 4x per axis
+gives 20 x 28 x 20 = 11,200 indices, 0.88 % with 512 codes and 0.98 % with 1,024.
 
 Dead codes (EMA usage below a threshold) are restarted from random encoder outputs of the current
 batch, as in Dhariwal et al. 2020 (Jukebox); MONAI's quantiser does not do it itself.
@@ -20,12 +25,15 @@ from torch import nn
 
 from synthbrain.errors import ConfigError
 
+MAX_CODE_BITS_FRACTION = 0.01  # code-index bits / bits of the volume as 16-bit integers
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    channels: tuple[int, ...] = (32, 64, 128)     # per level; one stride-2 downsampling per level
+    channels: tuple[int, ...] = (32, 64, 128)     # per level: one strided convolution, then residual layers
     num_res_layers: int = 1
     num_res_channels: tuple[int, ...] = (32, 64, 128)
+    strides: tuple[int, ...] | None = None        # per level, 1 or 2; None: 2 at every level
     num_embeddings: int = 512                     # codebook size
     embedding_dim: int = 4                        # latent channels
     commitment_cost: float = 0.25
@@ -35,10 +43,14 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "num_res_channels", tuple(int(c) for c in self.num_res_channels))
+        strides = (2,) * len(self.channels) if self.strides is None else tuple(int(s) for s in self.strides)
+        object.__setattr__(self, "strides", strides)
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"autoencoder channels must be positive, got {self.channels}")
         if len(self.num_res_channels) != len(self.channels):
             raise ConfigError("num_res_channels must have one entry per level (as many as channels)")
+        if len(strides) != len(self.channels) or not set(strides) <= {1, 2}:
+            raise ConfigError(f"autoencoder strides must be 1 or 2, one per level of channels, got {list(strides)}")
         if self.num_embeddings < 2 or self.embedding_dim < 1:
             raise ConfigError("num_embeddings must be >= 2 and embedding_dim >= 1")
         if not 0.0 < self.decay < 1.0:
@@ -47,7 +59,12 @@ class AutoencoderConfig:
     @property
     def downsampling(self) -> int:
         """Factor by which each axis shrinks."""
-        return 2 ** len(self.channels)
+        return math.prod(self.strides)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one code index: ceil(log2 num_embeddings)."""
+        return math.ceil(math.log2(self.num_embeddings))
 
     def latent_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         """(C, x, y, z) of the latent of a volume of spatial ``shape``."""
@@ -62,8 +79,22 @@ class AutoencoderConfig:
         voxels = math.prod(shape)
         codes = math.prod(lat)
         return {"latent_values_per_voxel": c * codes / voxels,
-                "latent_bits_per_volume_bits": codes * math.log2(self.num_embeddings) / (16 * voxels),
+                "latent_bits_per_volume_bits": codes * self.code_bits / (16 * voxels),
+                "code_bits": codes * self.code_bits, "volume_bits": 16 * voxels,
                 "latent_shape": [c, *lat]}
+
+    def check_size_budget(self, shape: tuple[int, ...]) -> dict[str, float]:
+        """:meth:`compression` of a volume of spatial ``shape``; ConfigError when the code bits exceed
+        :data:`MAX_CODE_BITS_FRACTION` of the 16-bit volume (the message gives the size)."""
+        comp = self.compression(shape)
+        if comp["latent_bits_per_volume_bits"] > MAX_CODE_BITS_FRACTION:
+            lat = "x".join(map(str, comp["latent_shape"][1:]))
+            raise ConfigError(
+                f"autoencoder over the size budget: {lat} code indices of {self.code_bits} bits = "
+                f"{comp['code_bits']:,} bits, {100 * comp['latent_bits_per_volume_bits']:.2f} % of the "
+                f"{comp['volume_bits']:,} bits of a 16-bit {'x'.join(map(str, shape))} volume "
+                f"(at most {100 * MAX_CODE_BITS_FRACTION:g} %); use fewer codes or more downsampling")
+        return comp
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,12 +116,15 @@ class Autoencoder(nn.Module):
         from monai.networks.nets import VQVAE
 
         self.config = config
-        levels = len(config.channels)
+        down = tuple((2, 4, 1, 1) if s == 2 else (1, 3, 1, 1) for s in config.strides)
+        # the decoder runs the levels in reverse; a stride-2 transposed convolution of kernel 4 and padding 1
+        # exactly doubles, a stride-1 one of kernel 3 keeps the size
+        up = tuple((2, 4, 1, 1, 0) if s == 2 else (1, 3, 1, 1, 0) for s in reversed(config.strides))
         self.net = VQVAE(
             spatial_dims=spatial_dims, in_channels=1, out_channels=1,
             channels=config.channels, num_res_layers=config.num_res_layers,
             num_res_channels=config.num_res_channels,
-            downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+            downsample_parameters=down, upsample_parameters=up,
             num_embeddings=config.num_embeddings, embedding_dim=config.embedding_dim,
             commitment_cost=config.commitment_cost, decay=config.decay,
             ddp_sync=True,

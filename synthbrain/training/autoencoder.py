@@ -187,11 +187,16 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
     from synthbrain.bundle import export_stage, new_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
+    from synthbrain.grids import get_grid
 
     run_dir = Path(out)
     dev = pick_device(device)
     check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps})
+    try:  # before any data is read or written
+        cfg.model.check_size_budget(get_grid(grid).shape)
+    except ConfigError as e:
+        raise ConfigError(f"grid {grid}: {e}") from None
     with distributed(dev) as dist:
         if dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
@@ -212,10 +217,6 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
         train_vols = load_volumes(train_ds, range(len(train_ds)))
         val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
         model = Autoencoder(cfg.model)
-        try:
-            cfg.model.latent_shape(train_ds.grid.shape)
-        except ConfigError as e:
-            raise ConfigError(f"grid {grid}: {e}") from None
         stage = AutoencoderStage(model, cfg, dev, dist)
         trainer = Trainer(stage, lambda idx: train_vols[idx], len(train_vols),
                           [v[None] for v in val_vols[:VAL_DURING_TRAINING]], cfg.train, run_dir, dev, dist, on_step)

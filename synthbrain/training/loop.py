@@ -40,6 +40,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0         # max global grad norm (0: off)
     warmup_steps: int = 0          # linear learning-rate warm-up
+    lr_decay: str = "none"         # none | cosine: after the warm-up, cosine from lr down to lr * min_lr_ratio at `steps`
+    min_lr_ratio: float = 0.1
     val_every: int = 200           # steps between validations (0: never)
     ckpt_every: int = 100          # steps between checkpoints
     log_every: int = 10
@@ -54,6 +56,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ConfigError(f"train.lr_decay must be none or cosine, got {self.lr_decay!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 
@@ -318,8 +324,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def _lr_scale(self, step: int) -> float:
-        w = self.config.warmup_steps
-        return min(1.0, (step + 1) / w) if w > 0 else 1.0
+        return lr_scale(self.config, step)
 
     def _backward(self, loss: torch.Tensor, optimizer: str) -> None:
         self.scaler.scale(loss / self.config.grad_accum).backward()
@@ -397,6 +402,18 @@ class Trainer:
         finally:
             for net in self.stage.networks.values():
                 net.train()
+
+
+def lr_scale(config: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine decay to
+    ``min_lr_ratio`` at ``config.steps`` (a run extended with ``--resume --steps`` decays over the new length)."""
+    w = config.warmup_steps
+    if w > 0 and step < w:
+        return (step + 1) / w
+    if config.lr_decay == "none" or config.steps <= w:
+        return 1.0
+    progress = min(1.0, (step - w) / (config.steps - w))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def unwrap(net: torch.nn.Module) -> torch.nn.Module:

@@ -113,11 +113,30 @@ def strip_png(volumes: Sequence[Volume], plane: str = "axial", *, point_mm: Sequ
               labels: Sequence[str] | None = None, window: tuple[float, float] | None = None,
               px_per_mm: float = 1.5) -> bytes:
     """The annotated frames of :func:`series_frames` side by side in one PNG."""
-    from PIL import Image
+    return grid_png(volumes, (plane,), point_mm=point_mm, labels=labels, window=window, px_per_mm=px_per_mm)
 
-    frames = series_frames(volumes, plane, point_mm=point_mm, labels=labels, window=window, px_per_mm=px_per_mm)
-    gap = np.zeros((frames[0].shape[0], 4, 3), np.uint8)
-    row = np.concatenate([x for f in frames for x in (f, gap)][:-1], axis=1)
+
+def grid_png(volumes: Sequence[Volume], planes_: Sequence[str] = ("axial", "coronal"), *,
+             point_mm: Sequence[float] | None = None, labels: Sequence[str] | None = None,
+             window: tuple[float, float] | None = None, px_per_mm: float = 1.5, title: str = "") -> bytes:
+    """One row per plane in ``planes_``, one column per volume (annotated frames, one grey window),
+    under an optional ``title`` band."""
+    from PIL import Image, ImageDraw
+
+    window = window or series_window(volumes)
+    rows = []
+    for plane in planes_:
+        frames = series_frames(volumes, plane, point_mm=point_mm, labels=labels, window=window, px_per_mm=px_per_mm)
+        gap = np.zeros((frames[0].shape[0], 4, 3), np.uint8)
+        rows.append(np.concatenate([x for f in frames for x in (f, gap)][:-1], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    image = Image.fromarray(np.concatenate(rows, axis=0)[:-4])
+    if title:
+        canvas = Image.new("RGB", (image.width, image.height + 2 * BAND_PX), (0, 0, 0))
+        canvas.paste(image, (0, 2 * BAND_PX))
+        ImageDraw.Draw(canvas).text((6, 8), title, fill=(255, 255, 255), font=_font(18))
+        image = canvas
     buf = io.BytesIO()
-    Image.fromarray(row).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()

@@ -97,3 +97,62 @@ def orthogonal_png(volume: Volume, *, point_mm: Sequence[float] | None = None, t
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor=fig.get_facecolor())
     return buf.getvalue()
+
+
+def rows_png(rows: Sequence[tuple[str, Volume]], *, point_mm: Sequence[float] | None = None, title: str = "",
+             footer: str = "", difference: Volume | None = None, difference_label: str = "difference",
+             width_px: int = 1200) -> bytes:
+    """A PNG with one row of three orthogonal planes per (label, volume) in ``rows``, all through the
+    same ``point_mm`` and grey window, and optionally a last row with a signed ``difference`` map
+    (blue = lower, red = higher; background, where every row is 0, in black) and its colour bar in
+    intensity units. For a reconstruction: rows original and reconstruction, difference =
+    reconstruction - original.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    hi = max(float(np.percentile(v.data, 99.5)) for _, v in rows) or 1.0
+    panels = [(label, planes(v, point_mm), "gray", (0.0, hi)) for label, v in rows]
+    if difference is not None:
+        lim = float(np.percentile(np.abs(difference.data), 99.9)) or 1e-3
+        # background: 0 in the first row (the original) and next to 0 in the others
+        background = (rows[0][1].data == 0) & np.all([np.abs(v.data) < 0.02 for _, v in rows[1:]], axis=0)
+        masked = Volume(np.where(background, np.nan, difference.data).astype(np.float32), difference.affine)
+        panels.append((difference_label, planes(masked, point_mm), "diff", (-lim, lim)))
+    dpi, n = 100, len(panels)
+    first = panels[0][1]
+    widths = [first[k][1][1] - first[k][1][0] for k in first]
+    heights = max(first[k][1][3] - first[k][1][2] for k in first)
+    row_h = width_px / dpi * heights / sum(widths)
+    top_in, bottom_in = (0.55 if title else 0.3), (0.3 if footer else 0.05)
+    fig_h = row_h * n + top_in + bottom_in
+    fig = Figure(figsize=(width_px / dpi, fig_h), dpi=dpi, facecolor="black")
+    axes = fig.subplots(n, 3, squeeze=False, gridspec_kw={"width_ratios": widths})
+    diff_cmap = matplotlib.colormaps["RdBu_r"].copy()
+    diff_cmap.set_bad("black")
+    for r, (label, pl, cmap, (lo, top)) in enumerate(panels):
+        for c, (name, (img, extent, pos)) in enumerate(pl.items()):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap=diff_cmap if cmap == "diff" else cmap, origin="lower", extent=extent,
+                           vmin=lo, vmax=top, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(f"{name}  {_AXIS[name]} = {pos:+.0f} mm", color="white", fontsize=10)
+            if c == 0:
+                ax.text(0.01, 0.98, label, ha="left", va="top", color="#ffd54a", fontsize=10, transform=ax.transAxes)
+        if cmap == "diff":
+            diff_image = im
+    if title:
+        fig.suptitle(title, color="white", fontsize=12, y=1 - 0.12 / fig_h)
+    if footer:
+        fig.text(0.5, 0.05 / fig_h, footer, ha="center", va="bottom", color="#bbbbbb", fontsize=8)
+    fig.subplots_adjust(left=0.005, right=0.93 if difference is not None else 0.995, top=1 - top_in / fig_h,
+                        bottom=bottom_in / fig_h, wspace=0.02, hspace=0.04)
+    if difference is not None:
+        pos = axes[-1, 2].get_position()
+        bar = fig.colorbar(diff_image, cax=fig.add_axes((0.94, pos.y0 + 0.1 * pos.height, 0.012, 0.8 * pos.height)))
+        bar.ax.tick_params(colors="white", labelsize=8)
+        bar.set_label("intensity (0..1)", color="white", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", facecolor=fig.get_facecolor())
+    return buf.getvalue()
