@@ -60,7 +60,8 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
             if on_step:
                 on_step(k + 1, len(idx), {"psnr_brain": rows[-1]["psnr_brain"]})
     result = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    result.update({f"{k}_sd": float(np.std([r[k] for r in rows])) for k in ("psnr_brain", "ssim_brain", "psnr", "ssim")})
+    headline = ("psnr_brain", "ssim_brain", "psnr", "ssim")
+    result.update({f"{k}_sd": float(np.std([r[k] for r in rows])) for k in headline})
     result.update(ae.codebook_stats(torch.cat(codes)))
     comp = ae.config.compression(bundle.grid.shape)
     result.update(latent_values_per_voxel=comp["latent_values_per_voxel"],
@@ -70,8 +71,7 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
                   seconds_per_volume_encode_decode=float(np.median(times)), device=device,
                   units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)", "code_bits": "bits",
                          "volume_bits_16bit": "bits"},
-                  per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in ("psnr_brain", "ssim_brain", "psnr",
-                                                                                  "ssim")}
+                  per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in headline}
                                for i, r in zip(idx, rows)})
     median = int(np.argsort([r["psnr_brain"] for r in rows])[len(rows) // 2])
     result["picture"] = {"file": RECONSTRUCTION_PNG, "subject": ds.subjects[idx[median]].label}

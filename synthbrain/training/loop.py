@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0         # max global grad norm (0: off)
     warmup_steps: int = 0          # linear learning-rate warm-up
-    lr_decay: str = "none"         # none | cosine: after the warm-up, cosine from lr down to lr * min_lr_ratio at `steps`
+    lr_decay: str = "none"         # none | cosine: after the warm-up, cosine to lr * min_lr_ratio at `steps`
     min_lr_ratio: float = 0.1
     val_every: int = 200           # steps between validations (0: never)
     ckpt_every: int = 100          # steps between checkpoints
