@@ -22,7 +22,7 @@ def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str
     scan = scans.builtin_scan(source, index, bundle.grid.name)
     with common.model_lock():
         recon = reconstruct(bundle, scan.volume, device=device)
-    return results.make_compare(scan.key, scan.label, recon, scan.details)
+    return results.make_compare(scan.key, scan.label, recon, scan.details, provenance=scan.provenance)
 
 
 bundle = common.current_bundle()
@@ -47,7 +47,8 @@ if go and scan is not None:
                 with common.models_busy():
                     recon = reconstruct(bundle, scan.volume, device=common.device())
                 # the user's own scan: kept in this session only, never in a shared cache
-                st.session_state[RESULT] = results.make_compare(scan.key, scan.label, recon)
+                st.session_state[RESULT] = results.make_compare(scan.key, scan.label, recon,
+                                                                provenance=scan.provenance)
             else:
                 st.session_state[RESULT] = reconstruct_builtin(
                     str(bundle.path), common.device(), bundle.config["autoencoder"].get("sha256", ""), source,
@@ -80,13 +81,10 @@ with right:
     st.markdown("**Compression**")
     st.table(pd.DataFrame(results.compression_rows(result.recon)), hide_index=True)
 
-
-def _reconstruction_file() -> bytes:
-    from synthbrain.io import to_nifti_bytes
-
-    return to_nifti_bytes(result.recon.reconstruction, description="SynthBrain VQ-VAE reconstruction")
-
-
-st.download_button("Download the reconstruction (.nii.gz)", data=_reconstruction_file,
-                   file_name=f"reconstruction_res-{bundle.grid.res_label}.nii.gz", mime="application/gzip",
-                   on_click="ignore", icon=":material/download:", key="cmp_dl")
+st.download_button(f"Download the reconstruction ({results.kind(result.recon_provenance).title}; NIfTI + JSON, .zip)",
+                   data=lambda: result.download_zip(bundle), file_name=f"{result.download_stem(bundle.grid)}.zip",
+                   mime="application/zip", on_click="ignore", icon=":material/download:", key="cmp_dl")
+if result.recon_provenance != "synthetic":
+    st.caption("A reconstruction carries the anatomy of the scan it came from: it is *derived* data, not "
+               "synthetic, and must be handled like the scan itself. Its file holds no name or header text of the "
+               "upload, only a digest of its voxels.")

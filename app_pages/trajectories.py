@@ -131,10 +131,11 @@ def frame_view(traj: trajectory.Trajectory) -> None:
     i = st.select_slider("Frame", options=list(range(len(traj.frames))), format_func=traj.label, key=FRAME)
     frame = traj.frames[i]
     # constant panel titles: the viewer keeps its canvases (and crosshair) and only swaps the volume
-    panels = [Panel("Synthetic T1w (not a person)", layers=(base_layer(frame.display, f"{traj.stem(i)}.nii.gz"),))]
+    title = "Derived T1w (an edit of a person's scan)" if traj.is_edit else "Synthetic T1w (not a person)"
+    panels = [Panel(title, layers=(base_layer(frame.display, f"{traj.stem(i)}.nii.gz"),))]
     if traj.is_edit:
         source = base_layer(traj.source_display, "source.nii.gz")
-        panels.insert(0, Panel("Source scan (preprocessed)", layers=(source,)))
+        panels.insert(0, Panel("Source scan (real, preprocessed)", layers=(source,)))
     viewer(panels, key="traj_viewer", sync=True, height=380)
     asked = ", ".join(f"{c.label.lower()} {frame.sample.conditions[c.name]:g} {c.unit}".strip()
                       if c.kind == "continuous" else f"{c.label.lower()} {frame.sample.conditions[c.name]}"
@@ -190,7 +191,10 @@ with controls:
                        mime="application/zip", on_click="ignore", icon=":material/download:", key="traj_dl_zip",
                        width="stretch")
     st.caption("The zip is a small BIDS-like dataset: one session per frame (NIfTI + JSON sidecar) and a "
-               "sessions.tsv of requested and measured volumes. Synthetic: not a scan of any person.")
+               "sessions.tsv of requested and measured volumes. "
+               + ("**Derived data**: edits of a person's scan carry that person's anatomy; handle them like the scan. "
+                  "The files name the scan by a digest of its voxels only." if traj.is_edit
+                  else "Synthetic: not a scan of any person."))
 with gif_col:
     st.image(gif, caption=f"{plane.capitalize()} plane at {'xyz'[dim]} = {where:+.0f} mm through the series "
                           "(neurological: left on the left)")

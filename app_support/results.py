@@ -4,15 +4,13 @@ session state or, for built-in scans, a shared cache), then drawn on every rerun
 
 from __future__ import annotations
 
-import io
-import json
-import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from app_support.viewer import Layer, Panel, Surface
 from synthbrain.errors import InvalidVolumeError
-from synthbrain.io import Volume, to_nifti_bytes
+from synthbrain.export import DERIVED, REAL, SYNTHETIC, kind
+from synthbrain.io import Volume
 
 DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
 
@@ -110,9 +108,18 @@ class GalleryItem:
         return ", ".join(parts)
 
     @property
+    def entities(self) -> str:
+        from synthbrain.sampling import sample_entities
+
+        return sample_entities(self.bundle, f"synth{self.number:04d}").replace(
+            "_space-", f"_seed-{self.sample.seed}_space-", 1)
+
+    @property
     def stem(self) -> str:
-        return (f"sub-synth{self.number:04d}_seed-{self.sample.seed}_space-MNI152NLin2009aSym_"
-                f"res-{self.bundle.grid.res_label}_T1w")
+        """The download's file stem, with the kind (``desc-synthetic``) in it."""
+        from synthbrain.export import file_stem
+
+        return file_stem(self.sample.provenance, self.entities)
 
     def panel(self, title: str, flex: float = 1.0) -> Panel:
         return Panel(title, layers=(base_layer(self.display, f"{self.stem}.nii.gz"),), flex=flex)
@@ -122,30 +129,32 @@ class GalleryItem:
         return Panel(title, surfaces=surfaces, view="render") if surfaces else None
 
 
-def make_item(number: int, sample, bundle) -> GalleryItem:
-    """A fresh sample as the page keeps it (its display file made now, ~30 ms on the demo grid)."""
+def display_bytes(volume: Volume, provenance: str) -> bytes:
+    """The viewer's copy of a volume, its header saying what it is."""
+    from synthbrain.export import kind
     from synthbrain.viz.display import display_nifti_bytes
 
-    return GalleryItem(number=number, sample=sample, bundle=bundle,
-                       display=display_nifti_bytes(sample.volume, "SynthBrain SYNTHETIC T1w (display)"))
+    return display_nifti_bytes(volume, f"SynthBrain {kind(provenance).name.upper()} T1w (display)")
+
+
+def make_item(number: int, sample, bundle) -> GalleryItem:
+    """A fresh sample as the page keeps it (its display file made now, ~30 ms on the demo grid)."""
+    return GalleryItem(number=number, sample=sample, bundle=bundle, display=display_bytes(sample.volume, SYNTHETIC))
 
 
 def sample_zip(item: GalleryItem) -> bytes:
-    """The sample's NIfTI (float32, [0, 1]) and JSON sidecar in one zip."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
-        nifti = to_nifti_bytes(item.volume, description="SynthBrain SYNTHETIC T1w (not a person)")
-        z.writestr(f"{item.stem}.nii.gz", nifti)
-        z.writestr(f"{item.stem}.json", json.dumps(item.sidecar, indent=2, default=float) + "\n")
-    return buf.getvalue()
+    """The sample's NIfTI (float32, [0, 1]) and JSON sidecar in one zip (through the one exporter)."""
+    from synthbrain.export import single_file_zip
+
+    return single_file_zip(item.sample.provenance, item.entities, item.volume, item.sidecar)
 
 
 def sample_png(item: GalleryItem, schema) -> bytes:
-    from synthbrain.sampling import SYNTHETIC_NOTE
+    from synthbrain.export import kind
     from synthbrain.viz.slices import orthogonal_png
 
     return orthogonal_png(item.volume, title=f"Sample {item.number}: {item.describe(schema)} (seed {item.sample.seed})",
-                          footer=SYNTHETIC_NOTE)
+                          footer=kind(item.sample.provenance).note)
 
 
 # --------------------------------------------------------------------------------- reconstruction
@@ -163,24 +172,49 @@ class CompareResult:
     diff_display: bytes
     details: str = ""
 
+    provenance: str = REAL         # the original: real (a person's scan) or synthetic (a phantom, the template)
+
+    @property
+    def recon_provenance(self) -> str:
+        """A reconstruction of a person's scan carries their anatomy: derived. Of a phantom: synthetic."""
+        return DERIVED if self.provenance == REAL else SYNTHETIC
+
     def panels(self, opacity: float, threshold: float) -> list[Panel]:
         diff = Layer(self.diff_display, name="difference.nii.gz", label="difference", colormap=DIFF_COLORMAPS[0],
                      colormap_negative=DIFF_COLORMAPS[1], opacity=opacity, cal_min=threshold,
                      cal_max=max(0.25, threshold * 2))
-        return [Panel("Original (preprocessed)", layers=(base_layer(self.original_display, "original.nii.gz"),),
-                      show_render=True),
-                Panel("Reconstruction (VQ-VAE) + difference", layers=(
+        return [Panel(f"Original: {kind(self.provenance).title}",
+                      layers=(base_layer(self.original_display, "original.nii.gz"),), show_render=True),
+                Panel(f"Reconstruction ({kind(self.recon_provenance).title}) + difference", layers=(
                     base_layer(self.recon_display, "reconstruction.nii.gz"), diff), show_render=True)]
 
+    def download_stem(self, grid) -> str:
+        from synthbrain.export import file_stem
+        from synthbrain.grids import SPACE
 
-def make_compare(key: str, label: str, recon, details: str = "") -> CompareResult:
+        return file_stem(self.recon_provenance, f"reconstruction_space-{SPACE}_res-{grid.res_label}_T1w")
+
+    def download_zip(self, bundle) -> bytes:
+        """The reconstruction (NIfTI + sidecar): derived from the scan, named by digest only."""
+        from synthbrain.export import single_file_zip
+        from synthbrain.grids import SPACE
+
+        fields = {"Bundle": bundle.name, "Metrics": self.recon.metrics, "Compression": self.recon.compression,
+                  "Grid": bundle.grid.to_dict(), "Kind": "VQ-VAE reconstruction"}
+        source = self.recon.original if self.recon_provenance == DERIVED else None
+        return single_file_zip(self.recon_provenance, f"reconstruction_space-{SPACE}_res-{bundle.grid.res_label}_T1w",
+                               self.recon.reconstruction, fields, source)
+
+
+def make_compare(key: str, label: str, recon, details: str = "", provenance: str = REAL) -> CompareResult:
     from synthbrain.viz.display import display_nifti_bytes
 
+    rec_kind = DERIVED if provenance == REAL else SYNTHETIC
     return CompareResult(key=key, label=label, recon=recon,
-                         original_display=display_nifti_bytes(recon.original, "original (display)"),
-                         recon_display=display_nifti_bytes(recon.reconstruction, "reconstruction (display)"),
+                         original_display=display_bytes(recon.original, provenance),
+                         recon_display=display_bytes(recon.reconstruction, rec_kind),
                          diff_display=display_nifti_bytes(recon.difference, "reconstruction - original"),
-                         details=details)
+                         details=details, provenance=provenance)
 
 
 def metrics_rows(recon) -> list[dict]:

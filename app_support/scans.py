@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from synthbrain.errors import SynthBrainError
+from synthbrain.export import REAL, SYNTHETIC
 from synthbrain.io import Volume
 
 SOURCES = {"template": "MNI152 template", "phantom": "Phantom subject", "upload": "Upload a NIfTI"}
@@ -24,6 +25,7 @@ class Scan:
     label: str
     volume: Volume               # as read (any grid); preprocess before use
     details: str = ""
+    provenance: str = REAL       # uploads and the template are real data; a phantom is synthetic (not a person)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -45,7 +47,8 @@ def builtin_scan(source: str, index: int, grid_name: str) -> Scan:
     return Scan(f"phantom:{index}", f"Phantom subject {index}", volume,
                 f"Phantom subject {index}: age {params.age:g} years, sex {params.sex}, {params.diagnosis}; true brain "
                 f"volume {subject.brain_volume_ml:.0f} mL, ventricles {subject.ventricular_volume_ml:.1f} mL."
-                " A phantom is the MNI152 template deformed by a simple ageing model, not a person.")
+                " A phantom is the MNI152 template deformed by a simple ageing model, not a person.",
+                provenance=SYNTHETIC)
 
 
 def scan_picker(key: str, grid) -> Scan | None:

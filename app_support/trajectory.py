@@ -7,9 +7,6 @@ No Streamlit here: the Trajectories page reads widgets into :class:`Setting` val
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from synthbrain.errors import InvalidVolumeError
-from synthbrain.io import Volume, to_nifti_bytes
+from synthbrain.io import Volume
 
 OnStep = Callable[[int, int, dict], None]
 MODES = {"typical": "Typical for age and sex", "fixed": "Fixed", "sweep": "Sweep (start → end)",
@@ -155,10 +152,10 @@ class Frame:
 
 def make_frame(sample, grid) -> Frame:
     """A sample with its display file and what was measured on it (or why it could not be)."""
+    from app_support.results import display_bytes
     from synthbrain.measure import measure_volume
-    from synthbrain.viz.display import display_nifti_bytes
 
-    display = display_nifti_bytes(sample.volume, "SynthBrain SYNTHETIC T1w (display)")
+    display = display_bytes(sample.volume, sample.provenance)
     try:
         m = measure_volume(sample.volume, grid)
     except InvalidVolumeError as e:
@@ -180,7 +177,7 @@ class Trajectory:
     seed: int
     steps: int
     guidance: float
-    source_label: str = ""          # edits: the scan they started from
+    source_label: str = ""          # edits: the scan they started from (shown in this session, never written)
     source: Volume | None = None    # edits: the preprocessed scan
     source_display: bytes = b""
     strength: float | None = None
@@ -188,6 +185,13 @@ class Trajectory:
     @property
     def is_edit(self) -> bool:
         return self.source is not None
+
+    @property
+    def provenance(self) -> str:
+        """``derived`` for edits of a scan (they carry that person's anatomy), else ``synthetic``."""
+        from synthbrain.export import DERIVED, SYNTHETIC
+
+        return DERIVED if self.is_edit else SYNTHETIC
 
     @property
     def axis_values(self) -> list[float]:
@@ -221,16 +225,29 @@ class Trajectory:
         from synthbrain.viz.series import series_gif
 
         # one fixed window (the viewer's): frames are comparable and the GIF matches the viewer
+        prefix = "derived, " if self.is_edit else "synthetic, "
         return series_gif([f.volume for f in self.frames], plane, point_mm=point_mm,
-                          labels=[self.label(i) for i in range(len(self.frames))], window=(0.0, 0.9))
+                          labels=[prefix + self.label(i) for i in range(len(self.frames))], window=(0.0, 0.9))
 
     @property
     def subject(self) -> str:
-        """BIDS subject label of the series ('sub-synthseed3', 'sub-synthedit3')."""
-        return f"sub-synth{'edit' if self.is_edit else 'seed'}{self.seed}"
+        """BIDS subject label of the series ('sub-synthseed3'; an edit: 'sub-derivededit3')."""
+        return f"sub-{self.subject_label}"
+
+    @property
+    def subject_label(self) -> str:
+        return f"derivededit{self.seed}" if self.is_edit else f"synthseed{self.seed}"
+
+    def entities(self, i: int) -> str:
+        from synthbrain.sampling import sample_entities
+
+        return sample_entities(self.bundle, self.subject_label, f"{i + 1:02d}")
 
     def stem(self, i: int) -> str:
-        return (f"{self.subject}_ses-{i + 1:02d}_space-MNI152NLin2009aSym_res-{self.bundle.grid.res_label}_T1w")
+        """File stem of frame ``i``, with the kind (``desc-synthetic`` / ``desc-derived``) in it."""
+        from synthbrain.export import file_stem
+
+        return file_stem(self.provenance, self.entities(i))
 
     def sidecar(self, i: int) -> dict:
         from synthbrain.sampling import sample_sidecar
@@ -240,39 +257,27 @@ class Trajectory:
         series = {"Frame": i + 1, "Frames": len(self.frames), "Axis": self.axis,
                   "Mode": "edit of a scan (SDEdit)" if self.is_edit else "one seed through the series"}
         if self.is_edit:
-            series.update(Source=self.source_label, Strength=self.strength)
+            series.update(Strength=self.strength)  # the source is named by its digest only (see export)
         return sample_sidecar(f.sample, self.bundle, {"Measured": measured, "Series": series})
 
     def zip(self) -> bytes:
-        """The series as a small BIDS-like dataset: one session per frame (NIfTI float32 + JSON
-        sidecar), a sessions.tsv with requested and measured values, dataset_description.json."""
-        from synthbrain import __version__
-        from synthbrain.data.bids import tsv_text
-        from synthbrain.sampling import SYNTHETIC_NOTE
+        """The series as a small BIDS-like dataset (through the one exporter): one session per frame
+        (NIfTI float32 + JSON sidecar), a sessions.tsv with requested and measured values,
+        dataset_description.json; synthetic for one seed, derived for edits of a scan."""
+        from synthbrain.export import DatasetWriter, generated_by
+        from synthbrain.sampling import samples_table
 
-        buf = io.BytesIO()
+        title = ("SynthBrain edits of a scan through age (derived data)" if self.is_edit
+                 else "SynthBrain synthetic trajectory")
+        writer = DatasetWriter(self.provenance, title, generated_by(self.bundle))
         sub = self.subject
-        names = self.bundle.schema.names
-        rows = []
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:  # the NIfTIs are gzipped already
-            z.writestr("dataset_description.json", json.dumps(
-                {"Name": "SynthBrain synthetic trajectory", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-                 "Synthetic": True, "Note": SYNTHETIC_NOTE,
-                 "GeneratedBy": [{"Name": "synthbrain", "Version": __version__, "Bundle": self.bundle.name}]},
-                indent=2) + "\n")
-            for i, f in enumerate(self.frames):
-                ses = f"ses-{i + 1:02d}"
-                base = f"{sub}/{ses}/anat/{self.stem(i)}"
-                z.writestr(f"{base}.nii.gz",
-                           to_nifti_bytes(f.volume, description="SynthBrain SYNTHETIC T1w (not a person)"))
-                z.writestr(f"{base}.json", json.dumps(self.sidecar(i), indent=2, default=float) + "\n")
-                m = f.measured or {}
-                rows.append({"session_id": ses, **f.sample.conditions, "seed": f.sample.seed,
-                             "measured_brain_volume": m.get("brain_volume"),
-                             "measured_ventricular_volume": m.get("ventricular_volume")})
-            cols = ["session_id", *names, "seed", "measured_brain_volume", "measured_ventricular_volume"]
-            z.writestr(f"{sub}/{sub}_sessions.tsv", tsv_text(rows, cols))
-        return buf.getvalue()
+        sessions = [f"ses-{i + 1:02d}" for i in range(len(self.frames))]
+        for i, f in enumerate(self.frames):
+            writer.add(f"{sub}/{sessions[i]}/anat", self.entities(i), f.volume, self.sidecar(i))
+        rows, cols, units = samples_table([f.sample for f in self.frames], sessions, self.bundle,
+                                          [f.measured for f in self.frames], id_column="session_id")
+        writer.table(f"{sub}/{sub}_sessions.tsv", rows, cols, units)
+        return writer.close()
 
     @property
     def nbytes(self) -> int:
@@ -306,6 +311,6 @@ def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]],
         frames.append(make_frame(s, bundle.grid))
         if on_step is not None:
             on_step(total[0] + j + 1, total[0] + k, {"measured": j + 1})
-    shown = display_nifti_bytes(source, "source scan (display)") if source is not None else b""
+    shown = display_nifti_bytes(source, "SynthBrain REAL T1w (display)") if source is not None else b""
     return Trajectory(frames, bundle, axis, seed, steps, guidance, source_label=source_label, source=source,
                       source_display=shown, strength=strength if source is not None else None)

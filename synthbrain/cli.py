@@ -186,8 +186,11 @@ def reconstruct(
     out: Path = typer.Option(..., "--out", help="reconstruction .nii.gz"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
-    """Preprocess, encode, quantise and decode a scan; prints PSNR and SSIM against the preprocessed input."""
+    """Preprocess, encode, quantise and decode a scan; prints PSNR and SSIM against the preprocessed input.
+    The reconstruction is *derived* data (it carries the scanned person's anatomy): its header and
+    sidecar say so, and name the scan by a digest of its voxels only, never by file name."""
     from synthbrain.bundle import load_bundle
+    from synthbrain.export import DERIVED, kind, sidecar
     from synthbrain.io import read_volume, write_volume
     from synthbrain.reconstruction import reconstruct as run
 
@@ -195,9 +198,10 @@ def reconstruct(
     b = load_bundle(bundle, device=device, components=("autoencoder",))
     rec = run(b, vol, device=device)
     m = rec.metrics
-    write_volume(out, rec.reconstruction, description="SynthBrain VQ-VAE reconstruction",
-                 sidecar={"Source": path.name, "Bundle": b.name, "Metrics": m, "Compression": rec.compression,
-                          "Grid": b.grid.to_dict()})
+    write_volume(out, rec.reconstruction, description=kind(DERIVED).description,
+                 sidecar=sidecar(DERIVED, {"Kind": "VQ-VAE reconstruction", "Bundle": b.name, "Metrics": m,
+                                           "Compression": rec.compression, "Grid": b.grid.to_dict()},
+                                 source=rec.original))
     typer.echo(f"PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  MS-SSIM {m['ms_ssim']:.4f}  MAE {m['mae']:.4f}  "
                f"(latent {100 * rec.compression['latent_values_per_voxel']:.2f} % of voxels) -> {out}")
 

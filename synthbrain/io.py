@@ -340,7 +340,7 @@ def write_volume(path: str | os.PathLike, volume: Volume, *, description: str, s
     payload = to_nifti_bytes(volume, description=description, dtype=dtype, compress=compressed,
                              xform_code=xform_code)
     # Serialise the sidecar before writing anything, so a bad value leaves no half-written pair.
-    text = None if sidecar is None else json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default)
+    text = None if sidecar is None else json.dumps(sidecar, indent=2, sort_keys=True, default=json_default)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, payload)
     if text is not None:
@@ -348,7 +348,7 @@ def write_volume(path: str | os.PathLike, volume: Volume, *, description: str, s
     return path
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

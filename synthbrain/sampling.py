@@ -26,11 +26,11 @@ import torch
 
 from synthbrain.conditions import NULL_VALUE
 from synthbrain.errors import BundleError, ConfigError, InvalidVolumeError
+from synthbrain.export import DERIVED, SYNTHETIC, SYNTHETIC_NOTE  # noqa: F401  (SYNTHETIC_NOTE: for callers)
 from synthbrain.io import Volume
 
 OnStep = Callable[[int, int, dict], None]
 SAMPLER = "DPM-Solver++ 2M (diffusers) on the prior's MONAI noise schedule, classifier-free guidance"
-SYNTHETIC_NOTE = "Synthetic brain MRI sampled from a generative model: not a scan of any person."
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +42,11 @@ class Sample:
     guidance: float
     seconds: float = 0.0             # wall time of the call that made it, per sample
     info: dict = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> str:
+        """``synthetic`` (from noise) or ``derived`` (an edit of a person's scan, see :meth:`Generator.edit`)."""
+        return self.info.get("provenance", SYNTHETIC)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -212,7 +217,8 @@ class Generator:
              steps: int | None = None, guidance: float | None = None, on_step: OnStep | None = None) -> Sample:
         """Re-imagine a real (preprocessed) volume under new conditions: encode it, noise its latent to
         ``strength`` (0 = unchanged, 1 = pure noise) and denoise under ``conditions`` (SDEdit), so the
-        subject stays recognisable while the conditions change."""
+        subject stays recognisable while the conditions change. The result is *derived* from that
+        person's scan (never synthetic): its info carries the provenance and the source's digest."""
         if not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength must be in (0, 1], got {strength}")
         steps, guidance = self._steps_and_guidance(steps, guidance)
@@ -225,63 +231,96 @@ class Generator:
         x = self.scheduler.add_noise(z0, noise, self.scheduler.timesteps[start:start + 1])
         x = self.denoise(x, context, steps, guidance, on_step, start_step=start)
         vol = self.decode(x).cpu().numpy()[0, 0]
+        from synthbrain.export import source_digest
+
         return Sample(Volume(vol, self.grid.affine, source=f"edit-seed-{seed}"), full[0], seed, steps, guidance,
-                      info={"strength": strength, "precision": self.precision})
+                      info={"strength": strength, "precision": self.precision, "provenance": DERIVED,
+                            "source_digest": source_digest(np.asarray(volume, np.float32))})
 
 
 def sample_sidecar(sample: Sample, bundle, extra: Mapping[str, Any] | None = None) -> dict:
-    """The JSON sidecar of a synthetic volume: what was asked, how it was made, that it is synthetic."""
-    return {"Synthetic": True, "Note": SYNTHETIC_NOTE, "Conditions": sample.conditions, "Seed": sample.seed,
-            "Steps": sample.steps, "Guidance": sample.guidance, "Sampler": SAMPLER,
-            "Precision": sample.info.get("precision", "fp32"),
-            "Bundle": {"name": bundle.name, "autoencoder_sha256": bundle.config["autoencoder"].get("sha256"),
-                       "prior_sha256": bundle.config.get("prior", {}).get("sha256")},
-            "Grid": bundle.grid.to_dict(), **(extra or {})}
+    """The JSON sidecar of a sample: what was asked, how it was made, and what it is (synthetic, or
+    derived for an edit of a scan, whose source is named by digest only)."""
+    from synthbrain.export import sidecar
+
+    fields = {"Conditions": sample.conditions, "Seed": sample.seed, "Steps": sample.steps, "Guidance": sample.guidance,
+              "Sampler": SAMPLER, "Precision": sample.info.get("precision", "fp32"),
+              "Bundle": {"name": bundle.name, "autoencoder_sha256": bundle.config["autoencoder"].get("sha256"),
+                         "prior_sha256": bundle.config.get("prior", {}).get("sha256")},
+              "Grid": bundle.grid.to_dict(), **(extra or {})}
+    if sample.provenance == DERIVED:
+        fields["Strength"] = sample.info.get("strength")
+    return sidecar(sample.provenance, fields, sample.info.get("source_digest"))
 
 
-def write_samples(out_dir: str | Path, samples: Sequence[Sample], bundle, measure: bool = True,
-                  on_step: OnStep | None = None) -> Path:
-    """Write samples as a BIDS-like dataset: ``participants.tsv`` (requested conditions, seed, measured
-    volumes) and ``sub-synthNNNN/anat/sub-synthNNNN_space-<space>_res-<r>_T1w.nii.gz`` + JSON sidecars."""
-    import json
-
-    from synthbrain import __version__
-    from synthbrain.data.bids import tsv_text
+def sample_entities(bundle, subject: str, session: str | None = None) -> str:
+    """``sub-<subject>[_ses-<session>]_space-<space>_res-<r>_T1w`` (the kind's desc entity is added by
+    the exporter)."""
     from synthbrain.grids import SPACE
-    from synthbrain.io import atomic_write, write_volume
-    from synthbrain.measure import measure_volume
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "dataset_description.json", json.dumps(
-        {"Name": "SynthBrain synthetic cohort", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-         "Synthetic": True, "Note": SYNTHETIC_NOTE,
-         "GeneratedBy": [{"Name": "synthbrain", "Version": __version__, "Bundle": bundle.name}]}, indent=2) + "\n")
+    ses = f"_ses-{session}" if session else ""
+    return f"sub-{subject}{ses}_space-{SPACE}_res-{bundle.grid.res_label}_T1w"
+
+
+def samples_table(samples: Sequence[Sample], subjects: Sequence[str], bundle, measured: Sequence[dict | None] | None,
+                  id_column: str = "participant_id") -> tuple[list[dict], list[str], dict]:
+    """Rows, columns and column descriptions of a participants.tsv (or sessions.tsv) of samples:
+    requested conditions, seed and (unless ``measured`` is None) the volumes measured on each sample
+    in mL (n/a where a sample could not be measured)."""
+    with_measured = measured is not None
+    measured = measured if with_measured else [None] * len(samples)
     rows = []
-    names = bundle.schema.names
-    for i, s in enumerate(samples):
-        sub = f"sub-synth{i + 1:04d}"
-        extra = {}
-        row = {"participant_id": sub, **s.conditions, "seed": s.seed}
-        if measure:
-            try:
-                m = measure_volume(s.volume)
-                extra["Measured"] = {"brain_volume_mL": m.brain_volume, "ventricular_volume_mL": m.ventricular_volume}
-                row.update(measured_brain_volume=m.brain_volume, measured_ventricular_volume=m.ventricular_volume)
-            except InvalidVolumeError as e:  # an untrained or broken model's output: keep it, say why
-                extra["Measured"] = {"error": str(e)}
-        write_volume(out / sub / "anat" / f"{sub}_space-{SPACE}_res-{bundle.grid.res_label}_T1w.nii.gz", s.volume,
-                     description="SynthBrain SYNTHETIC T1w (not a person)", sidecar=sample_sidecar(s, bundle, extra))
+    for sub, s, m in zip(subjects, samples, measured):
+        row = {id_column: sub, **s.conditions, "seed": s.seed}
+        if m is not None:
+            row.update(measured_brain_volume=m.get("brain_volume"),
+                       measured_ventricular_volume=m.get("ventricular_volume"))
         rows.append(row)
-        if on_step is not None:
-            on_step(i + 1, len(samples), {"wrote": sub})
-    cols = ["participant_id", *names, "seed"] + (["measured_brain_volume", "measured_ventricular_volume"]
-                                                  if measure else [])
-    atomic_write(out / "participants.tsv", tsv_text(rows, cols))
+    cols = [id_column, *bundle.schema.names, "seed"]
+    if with_measured:
+        cols += ["measured_brain_volume", "measured_ventricular_volume"]
     units = {c.name: {"Description": f"requested {c.label.lower()}", **({"Units": c.unit} if c.unit else {})}
              for c in bundle.schema}
     units.update(seed={"Description": "random seed of the sample"},
                  measured_brain_volume={"Description": "grey + white matter measured on the sample", "Units": "mL"},
                  measured_ventricular_volume={"Description": "ventricles measured on the sample", "Units": "mL"})
-    atomic_write(out / "participants.json", json.dumps(units, indent=2) + "\n")
+    return rows, cols, {c: units[c] for c in cols if c in units}
+
+
+def measure_sample(sample: Sample) -> tuple[dict | None, dict]:
+    """(volumes in mL or None, the sidecar's ``Measured`` entry) of a sample."""
+    from synthbrain.measure import measure_volume
+
+    try:
+        m = measure_volume(sample.volume)
+    except InvalidVolumeError as e:  # an untrained or broken model's output: keep it, say why
+        return None, {"error": str(e)}
+    vols = {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume}
+    return vols, {"brain_volume_mL": m.brain_volume, "ventricular_volume_mL": m.ventricular_volume}
+
+
+def write_samples(out_dir: str | Path, samples: Sequence[Sample], bundle, measure: bool = True,
+                  on_step: OnStep | None = None) -> Path:
+    """Write synthetic samples as a BIDS-like derivative dataset (through :mod:`synthbrain.export`):
+    ``participants.tsv`` (requested conditions, seed, measured volumes) and
+    ``sub-synthNNNN/anat/sub-synthNNNN_space-<space>_res-<r>_desc-synthetic_T1w.nii.gz`` + sidecars."""
+    from synthbrain.export import DatasetWriter, generated_by
+
+    if any(s.provenance != SYNTHETIC for s in samples):
+        raise ConfigError("write_samples writes synthetic samples only; edits of a scan are derived data")
+    out = Path(out_dir)
+    writer = DatasetWriter(SYNTHETIC, "SynthBrain synthetic cohort", generated_by(bundle), folder=out)
+    subjects, measured = [], []
+    for i, s in enumerate(samples):
+        sub = f"synth{i + 1:04d}"
+        vols, entry = measure_sample(s) if measure else (None, None)
+        writer.add(f"sub-{sub}/anat", sample_entities(bundle, sub), s.volume,
+                   sample_sidecar(s, bundle, {"Measured": entry} if measure else None))
+        subjects.append(f"sub-{sub}")
+        measured.append(vols if measure else None)
+        if on_step is not None:
+            on_step(i + 1, len(samples), {"wrote": f"sub-{sub}"})
+    rows, cols, units = samples_table(samples, subjects, bundle, measured if measure else None)
+    writer.table("participants.tsv", rows, cols, units)
+    writer.close()
     return out
