@@ -300,6 +300,75 @@ def evaluate_prior_cmd(
                f"{r['seconds_per_sample']:.2f} s/sample -> {bundle / 'metrics.json'}")
 
 
+AuditShiftOpt = typer.Option(2, "--max-shift", min=0, max=5, help="voxels of shift searched along each axis")
+
+
+@app.command()
+def audit(
+    bundle: Path | None = BundleOpt,
+    samples: Path = typer.Option(..., "--samples", help="folder of synthetic samples (synthbrain sample / release)"),
+    train: Path = typer.Option(..., "--train", help="BIDS dataset the bundle was trained on"),
+    holdout: Path | None = typer.Option(None, "--holdout", help="BIDS dataset of real subjects the model never saw "
+                                        "(default: the prior's held-out subjects in --train, else a fraction)"),
+    holdout_fraction: float = typer.Option(0.1, "--holdout-fraction", help="share of --train held out for "
+                                           "calibration when neither --holdout nor recorded held-out subjects exist"),
+    out: Path = typer.Option(..., "--out", help="report folder: report.json, report.html, pairs/*.png"),
+    max_shift: int = AuditShiftOpt,
+    jobs: int = typer.Option(2, "--jobs", min=1, help="threads for the search"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Memorisation audit: each sample's nearest training subject (image and embedding), thresholds
+    calibrated on held-out real subjects; flags samples closer to a training subject than any of them."""
+    from synthbrain.bundle import load_bundle
+    from synthbrain.privacy import AuditSettings, holdout_split, read_samples
+    from synthbrain.privacy import audit as run_audit
+    from synthbrain.privacy import write_report
+
+    settings = AuditSettings(max_shift=max_shift, jobs=jobs)
+    b = load_bundle(bundle, device=device, components=("autoencoder",))
+    vols = read_samples(samples, b.grid)
+    train_ds, held = holdout_split(b, train, holdout, holdout_fraction)
+    with progress("audit") as on_step:
+        report = run_audit(vols, train_ds, held, b, settings, device=device, on_step=on_step)
+    by_id = dict(vols)
+    d = write_report(report, out, by_id.__getitem__, lambda label: train_ds.volume(train_ds.labels.index(label)),
+                     b.grid)
+    typer.echo(f"{d['flagged']} of {d['samples']} samples flagged ({100 * d['share_flagged']:.1f} %) against "
+               f"{d['train_subjects']} training subjects; thresholds r {d['thresholds']['correlation']:.4f}, "
+               f"cosine {d['thresholds']['cosine']:.4f} from {len(held)} held-out subjects; "
+               f"{1000 * d['seconds']['per_sample_x_training_subject']:.2f} ms per sample x training subject "
+               f"-> {out / 'report.html'}")
+
+
+@app.command()
+def release(
+    bundle: Path | None = BundleOpt,
+    n: int = typer.Option(..., "--n", min=1, help="number of synthetic subjects"),
+    conditions: str = typer.Option("population", "--conditions", help="grid, population or a TSV file of "
+                                   "conditions (one row per subject)"),
+    train: Path = typer.Option(..., "--train", help="BIDS dataset the bundle was trained on (for the audit)"),
+    holdout: Path | None = typer.Option(None, "--holdout", help="held-out real subjects (calibration)"),
+    out: Path = typer.Option(..., "--out", help="new folder for the release (or a release to resume)"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
+    guidance: float | None = typer.Option(None, "--guidance", help="guidance scale (default: the bundle's)"),
+    max_shift: int = AuditShiftOpt,
+    device: str = typer.Option("cpu", "--device"),
+    precision: str = PrecisionOpt,
+) -> None:
+    """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable)."""
+    from synthbrain.bundle import load_bundle
+    from synthbrain.privacy import AuditSettings
+    from synthbrain.privacy import release as run
+
+    b = load_bundle(bundle, device=device)
+    with progress("release") as on_step:
+        s = run(b, n, conditions, train, out, holdout, seed=seed, steps=steps, guidance=guidance,
+                settings=AuditSettings(max_shift=max_shift), device=device, precision=precision, on_step=on_step)
+    typer.echo(f"released {s['released']} of {s['requested']} synthetic subjects to {out}; "
+               f"{s['replaced_flagged_samples']} flagged samples replaced, {len(s['dropped'])} dropped")
+
+
 @app.command("app")
 def app_cmd(
     port: int = typer.Option(8501, "--port", min=1, max=65535),
