@@ -320,9 +320,8 @@ def audit(
     """Memorisation audit: each sample's nearest training subject (image and embedding), thresholds
     calibrated on held-out real subjects; flags samples closer to a training subject than any of them."""
     from synthbrain.bundle import load_bundle
-    from synthbrain.privacy import AuditSettings, holdout_split, read_samples
+    from synthbrain.privacy import AuditSettings, holdout_split, read_samples, write_report
     from synthbrain.privacy import audit as run_audit
-    from synthbrain.privacy import write_report
 
     settings = AuditSettings(max_shift=max_shift, jobs=jobs)
     b = load_bundle(bundle, device=device, components=("autoencoder",))
