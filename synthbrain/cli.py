@@ -368,6 +368,25 @@ def release(
                f"{s['replaced_flagged_samples']} flagged samples replaced, {len(s['dropped'])} dropped")
 
 
+@evaluate_app.command("privacy")
+def evaluate_privacy_cmd(
+    bundle: Path = typer.Option(..., "--bundle"),
+    data: Path = typer.Option(..., "--data", help="the BIDS dataset the bundle was trained on"),
+    n_samples: int = typer.Option(100, "--n-samples", min=1, help="fresh samples to audit"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Share of fresh samples flagged by the memorisation audit, and membership-inference AUC / TPR at
+    1 % FPR (prior loss, autoencoder reconstruction error) -> metrics.json."""
+    from synthbrain.evaluation import evaluate_privacy
+
+    with progress("evaluate privacy") as on_step:
+        r = evaluate_privacy(bundle, data, n_samples=n_samples, device=device, on_step=on_step)
+    a, p, e = r["audit"], r["membership_prior"], r["membership_autoencoder"]
+    typer.echo(f"{a['flagged']} of {a['samples']} fresh samples flagged ({100 * a['share_flagged']:.1f} %); "
+               f"membership AUC prior {p['auc']:.3f} (TPR at 1 % FPR {p['tpr_at_1pct_fpr']:.3f}), autoencoder "
+               f"{e['auc']:.3f} ({e['tpr_at_1pct_fpr']:.3f}) -> {bundle / 'metrics.json'}")
+
+
 @app.command("app")
 def app_cmd(
     port: int = typer.Option(8501, "--port", min=1, max=65535),

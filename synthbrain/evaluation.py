@@ -235,3 +235,71 @@ def evaluate_prior(bundle_path: str | Path, data: str | Path, device: str = "cpu
     update_metrics(bundle.path, "prior", result)
     _refresh_card(bundle.path)
     return result
+
+
+def _training_split(bundle, ds, stage: str) -> tuple[list[str], list[str]]:
+    """(training subjects, held-out subjects) of a bundle's ``stage`` within dataset ``ds``, which must
+    be the data that stage was trained on (checked by how it was generated or named)."""
+    from synthbrain.errors import ConfigError
+
+    info = bundle.config.get(stage, {})
+    trained_on = info.get("data_fingerprint", {})
+    here = ds.fingerprint()
+    fp_train, fp_here = trained_on.get("generated_by") or trained_on.get("name"), here["generated_by"] or here["name"]
+    held = set(info.get("val_subjects", []))
+    labels = set(ds.labels)
+    if fp_train != fp_here and not (fp_train or "").startswith("synthbrain cohort") or not held <= labels:
+        # a phantom cohort of the same seed and grid holds the same first subjects: accept a larger one
+        raise ConfigError(f"{ds.root}: not the data the {stage} was trained on ({fp_train!r}); membership needs it")
+    n_trained = trained_on.get("subjects", len(labels))
+    train = [s for s in ds.labels if s not in held][:n_trained]
+    return train, sorted(held)
+
+
+def evaluate_privacy(bundle_path: str | Path, data: str | Path, n_samples: int = 100, device: str = "cpu",
+                     on_step: OnStep | None = None, seed: int = 20_000) -> dict:
+    """How private the bundle's samples are, into metrics.json: the share of ``n_samples`` fresh
+    samples (default conditions drawn from the training subjects) flagged by the memorisation audit
+    against the prior's training set, calibrated on its held-out subjects; and membership inference
+    (loss-threshold attack) on the prior and on the autoencoder."""
+    from synthbrain.bundle import load_bundle, update_metrics
+    from synthbrain.conditions import ConditionSchema
+    from synthbrain.data.bids import BIDSDataset
+    from synthbrain.privacy import AuditSettings, audit, membership_inference
+    from synthbrain.sampling import Generator
+
+    bundle = load_bundle(bundle_path, device="cpu")
+    ds = BIDSDataset(data, grid=bundle.grid, schema=bundle.schema)
+    prior_train, prior_held = _training_split(bundle, ds, "prior")
+    ae_train, ae_held = _training_split(bundle, ds, "autoencoder")
+
+    def part(labels, schema=None):
+        return BIDSDataset(data, grid=bundle.grid, schema=schema or ConditionSchema(()), subjects=labels)
+
+    gen = Generator(bundle, device=device)
+    rng = np.random.default_rng(seed)
+    conds = [ds.subjects[int(i)].values for i in rng.integers(0, len(ds), n_samples)]
+    t0 = time.perf_counter()
+    samples = gen.sample(conds, n=n_samples, seed=seed)
+    t_sample = time.perf_counter() - t0
+    report = audit([(f"sample-{s.seed}", s.volume.data) for s in samples], part(prior_train), part(prior_held),
+                   bundle, AuditSettings(), device=device, on_step=on_step)
+    d = report.to_dict()
+    rng = np.random.default_rng(seed)
+    member_sample = sorted(rng.choice(prior_train, min(len(prior_train), 4 * len(prior_held)), replace=False))
+    prior_mia = membership_inference(bundle, part(member_sample, bundle.schema), part(prior_held, bundle.schema),
+                                     device=device)
+    ae_mia = membership_inference(bundle, part(ae_train, bundle.schema), part(ae_held, bundle.schema), device=device)
+    result = {
+        "audit": {k: d[k] for k in ("samples", "flagged", "share_flagged", "thresholds", "train_subjects")}
+        | {"holdout_subjects": len(prior_held), "seconds_per_sample_x_training_subject":
+           d["seconds"]["per_sample_x_training_subject"], "sampling_seconds": t_sample,
+           "max_correlation": max(r["correlation"] for r in d["per_sample"]),
+           "max_cosine": max(r["cosine"] for r in d["per_sample"])},
+        "membership_prior": prior_mia["prior_loss"] | {"members_from": "prior training subjects (a random sample)"},
+        "membership_autoencoder": ae_mia["reconstruction_error"] | {"members_from": "autoencoder training subjects"},
+        "note": prior_mia["note"], "data": ds.fingerprint()["name"], "device": device,
+    }
+    update_metrics(bundle.path, "privacy", result)
+    _refresh_card(bundle.path)
+    return result

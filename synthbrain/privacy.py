@@ -37,6 +37,7 @@ import torch
 from synthbrain.errors import ConfigError, SynthBrainError
 
 OnStep = Callable[[int, int, dict], None]
+MIN_CALIBRATION = 3   # held-out subjects below which a threshold would be a guess
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,9 @@ class AuditReport:
 
 
 def thresholds_from(matches: Sequence[Match], quantile: float) -> dict[str, float]:
-    if not matches:
-        raise ConfigError("calibration needs at least one held-out subject")
+    if len(matches) < MIN_CALIBRATION:
+        raise ConfigError(f"calibration needs at least {MIN_CALIBRATION} held-out subjects, got {len(matches)}; "
+                          "pass more with --holdout")
     return {"correlation": float(np.quantile([m.correlation for m in matches], quantile)),
             "cosine": float(np.quantile([m.cosine for m in matches], quantile))}
 
@@ -208,8 +210,9 @@ def audit(samples: Sequence[tuple[str, np.ndarray]], train, holdout, bundle, set
     ``reference`` set of ``train`` may be passed (a release audits in rounds)."""
     from synthbrain.data.template import load_template
 
-    if len(holdout) < 1:
-        raise ConfigError("the audit needs held-out subjects to calibrate its thresholds")
+    if len(holdout) < MIN_CALIBRATION:
+        raise ConfigError(f"the audit needs at least {MIN_CALIBRATION} held-out subjects to calibrate its thresholds, "
+                          f"got {len(holdout)}; pass more with --holdout")
     ae = bundle.autoencoder.to(device).eval()
     t0 = time.perf_counter()
     if reference is None:
@@ -314,7 +317,9 @@ def _html(d: dict, pictures: Sequence[tuple[dict, str, bytes]]) -> str:
 
     import plotly.io as pio
 
-    figs = "".join(pio.to_html(histogram_figure(d, m), full_html=False, include_plotlyjs="inline" if i == 0 else False)
+    # fixed div ids: the same report gives the same page, byte for byte
+    figs = "".join(pio.to_html(histogram_figure(d, m), full_html=False, div_id=f"histogram-{m}",
+                               include_plotlyjs="inline" if i == 0 else False)
                    for i, m in enumerate(("correlation", "cosine")))
     rows = "".join(
         f"<tr><td>{html.escape(r['id'])}</td><td>{r['correlation']:.4f}</td><td>{html.escape(r['nearest_by_image'])}"
@@ -324,14 +329,15 @@ def _html(d: dict, pictures: Sequence[tuple[dict, str, bytes]]) -> str:
     imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(png).decode()}' width='900'>"
                    f"<figcaption>{html.escape(r['id'])}</figcaption></figure>" for r, _, png in pictures)
     t = d["thresholds"]
+    per_pair = d["seconds"].get("per_sample_x_training_subject")
+    cost = (f" Search cost {1000 * per_pair:.2f} ms per sample x training subject." if per_pair is not None else "")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>SynthBrain memorisation audit</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:auto}}td,th{{padding:2px 8px}}</style></head><body>
 <h1>Memorisation audit: {html.escape(d['bundle'])}</h1>
 <p>{d['samples']} synthetic samples against {d['train_subjects']} training subjects; <b>{d['flagged']} flagged
 ({100 * d['share_flagged']:.1f} %)</b>. Thresholds (calibrated on {d['calibration']['holdout_subjects']} held-out
 subjects: {html.escape(d['calibration']['rule'])}): image r {t['correlation']:.4f}, embedding cosine
-{t['cosine']:.4f}. Search cost {1000 * d['seconds']['per_sample_x_training_subject']:.2f} ms per sample x training
-subject.</p>{figs}
+{t['cosine']:.4f}.{cost}</p>{figs}
 <h2>Samples</h2><table><tr><th>sample</th><th>image r</th><th>nearest (image)</th><th>cosine</th>
 <th>nearest (embedding)</th><th>flagged</th></tr>{rows}</table>
 <h2>{'Flagged samples' if d['flagged'] else 'The closest samples'} beside their nearest training subject</h2>{imgs}

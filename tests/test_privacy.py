@@ -109,3 +109,124 @@ def test_audit_cli_writes_a_json_and_html_report(audit_cohort, tiny_bundle, tmp_
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Memorisation audit" in html and "plotly" in html.lower() and "data:image/png;base64" in html
     assert "flagged" in r.stdout
+
+
+def _release_cmd(bundle, train, holdout, out, n=5):
+    return [sys.executable, "-m", "synthbrain", "release", "--bundle", str(bundle), "--n", str(n), "--conditions",
+            "grid", "--train", str(train), "--holdout", str(holdout), "--out", str(out), "--steps", "2", "--seed", "3"]
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def released(tiny_bundle, tiny_cohort, audit_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("release") / "cohort"
+    r = subprocess.run(_release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out), env=subprocess_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "released" in r.stdout
+    return out
+
+
+def test_a_release_is_a_valid_bids_derivative_of_audited_synthetic_subjects(released, tiny_bundle):
+    from bids import BIDSLayout
+
+    from synthbrain.data.bids import read_tsv
+    from synthbrain.export import SYNTHETIC, read_provenance
+
+    desc = json.loads((released / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["Provenance"] == SYNTHETIC and desc["BIDSVersion"]
+    (gen,) = desc["GeneratedBy"]
+    cfg = json.loads((tiny_bundle / "config.json").read_text())
+    assert gen["Name"] == "synthbrain" and gen["Version"] and gen["Checksums"]["prior"] == cfg["prior"]["sha256"]
+    layout = BIDSLayout(released, is_derivative=True, validate=False)
+    files = layout.get(suffix="T1w", desc="synthetic", extension=".nii.gz", return_type="filename")
+    rows = read_tsv(released / "participants.tsv")
+    assert len(files) == len(rows) == 5
+    assert sorted(f"sub-{s}" for s in layout.get_subjects()) == sorted(r["participant_id"] for r in rows)
+    for col in ("age", "sex", "seed", "measured_brain_volume", "nearest_training_correlation", "audit_attempts"):
+        assert col in rows[0], col
+    units = json.loads((released / "participants.json").read_text())
+    assert units["measured_brain_volume"]["Units"] == "mL"
+    for f in files:
+        assert read_provenance(f) == SYNTHETIC
+        side = json.loads(open(f.replace(".nii.gz", ".json")).read())
+        assert side["Audit"]["flagged"] is False and side["Audit"]["correlation"] <= side["Audit"]["thresholds"][
+            "correlation"]
+    report = json.loads((released / "audit" / "report.json").read_text())
+    assert report["release"]["released"] == 5 and report["samples"] == 5
+    assert "is not" in (released / "README.md").read_text()
+
+
+def test_a_release_refuses_a_folder_it_did_not_create(tiny_bundle, tiny_cohort, audit_cohort, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = subprocess.run(_release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out), env=subprocess_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a SynthBrain release" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_release_killed_midway_resumes_to_the_same_dataset(released, tiny_bundle, tiny_cohort, audit_cohort,
+                                                            tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "cohort"
+    cmd = _release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out)
+    proc = subprocess.Popen(cmd, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / ".release" / "sub-synth0002.json").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the release finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "participants.tsv").exists()
+    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
+    a, b = _tree(released), _tree(out)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    assert not [k for k in b if ".tmp" in k]
+
+
+def test_the_attack_metrics_read_lower_scores_as_members():
+    from synthbrain.privacy import attack_metrics
+
+    members, others = np.linspace(0.0, 1.0, 50), np.linspace(2.0, 3.0, 50)
+    m = attack_metrics(members, others)
+    assert m["auc"] == 1.0 and m["tpr_at_1pct_fpr"] == 1.0 and (m["members"], m["non_members"]) == (50, 50)
+    assert attack_metrics(others, members)["auc"] == 0.0
+    same = attack_metrics(np.r_[members, others], np.r_[members, others])
+    assert same["auc"] == pytest.approx(0.5) and same["tpr_at_1pct_fpr"] <= 0.05
+
+
+@pytest.mark.slow
+def test_evaluate_privacy_writes_the_audit_and_membership_figures(tiny_bundle, tiny_cohort, tmp_path):
+    """On a prior trained with 3 of its 10 subjects held out: the share of fresh samples flagged and both
+    attacks' AUC land in metrics.json and the model card; the members are the training subjects."""
+    import shutil
+
+    from conftest import TINY_PRIOR, write_json
+
+    from synthbrain.training.prior import train_prior
+
+    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
+    cfg = json.loads(json.dumps(TINY_PRIOR))
+    cfg["train"].update(val_fraction=0.4, val_every=0)
+    bundle = train_prior(tiny_bundle, data, tmp_path / "prior", config_file=write_json(tmp_path / "p.json", cfg))
+    r = subprocess.run([sys.executable, "-m", "synthbrain", "evaluate", "privacy", "--bundle", str(bundle), "--data",
+                        str(data), "--n-samples", "3"], env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((bundle / "metrics.json").read_text())["privacy"]
+    held = json.loads((bundle / "config.json").read_text())["prior"]["val_subjects"]
+    assert m["audit"]["samples"] == 3 and m["audit"]["holdout_subjects"] == len(held) >= 3
+    assert m["audit"]["train_subjects"] == 10 - len(held)
+    assert 0.0 <= m["audit"]["share_flagged"] <= 1.0
+    assert m["membership_prior"]["non_members"] == len(held) and m["membership_prior"]["members"] >= len(held)
+    assert 0.0 <= m["membership_prior"]["auc"] <= 1.0 and 0.0 <= m["membership_autoencoder"]["auc"] <= 1.0
+    assert "### privacy" in (bundle / "MODEL_CARD.md").read_text() and "flagged" in r.stdout
