@@ -79,6 +79,19 @@ class Bundle:
 
         return PopulationModel.from_dict(self.config.get("population"))
 
+    def trained_on(self, stage: str, dataset) -> bool:
+        """Whether ``dataset`` (a BIDSDataset) is the data ``stage`` was trained on, or a larger phantom
+        cohort of the same seed and grid (whose first subjects are the same files): by how it was
+        generated or, for real data, by name and subject labels. Then its recorded held-out subjects
+        are the same people."""
+        trained = self.config.get(stage, {}).get("data_fingerprint", {})
+        here = dataset.fingerprint()
+        made_by, made_here = trained.get("generated_by"), here.get("generated_by")
+        if made_by and made_here:
+            return _cohort_family(made_by) == _cohort_family(made_here)
+        held = set(self.config.get(stage, {}).get("val_subjects", []))
+        return bool(trained) and trained.get("name") == here.get("name") and held <= set(dataset.labels)
+
     @property
     def has_prior(self) -> bool:
         return self.prior is not None
@@ -87,6 +100,13 @@ class Bundle:
     def card(self) -> str:
         p = self.path / "MODEL_CARD.md" if self.path else None
         return p.read_text() if p and p.is_file() else ""
+
+
+def _cohort_family(command: str) -> str:
+    """``synthbrain cohort --n 240 --grid demo --seed 2026`` without its ``--n``: cohorts that differ only
+    in size share their first subjects."""
+    words = command.split()
+    return " ".join(w for i, w in enumerate(words) if w != "--n" and (i == 0 or words[i - 1] != "--n"))
 
 
 def _read_json(path: Path, what: str) -> dict:

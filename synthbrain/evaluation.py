@@ -19,11 +19,7 @@ def _eval_subjects(bundle, dataset, stage: str) -> tuple[list[int], bool]:
     """Indices to evaluate on: the stage's held-out subjects when the data holds them, else all."""
     held = set(bundle.config.get(stage, {}).get("val_subjects", []))
     idx = [i for i, s in enumerate(dataset.subjects) if s.label in held]
-    # the same cohort: a generated one is named by the command that made it (seed, size, grid)
-    trained_on = bundle.config.get(stage, {}).get("data_fingerprint", {})
-    here = dataset.fingerprint()
-    same_data = (trained_on.get("generated_by") or trained_on.get("name")) == (here["generated_by"] or here["name"])
-    if idx and same_data:
+    if idx and bundle.trained_on(stage, dataset):
         return idx, True
     return list(range(len(dataset))), False
 
@@ -244,15 +240,12 @@ def _training_split(bundle, ds, stage: str) -> tuple[list[str], list[str]]:
 
     info = bundle.config.get(stage, {})
     trained_on = info.get("data_fingerprint", {})
-    here = ds.fingerprint()
-    fp_train, fp_here = trained_on.get("generated_by") or trained_on.get("name"), here["generated_by"] or here["name"]
     held = set(info.get("val_subjects", []))
-    labels = set(ds.labels)
-    if fp_train != fp_here and not (fp_train or "").startswith("synthbrain cohort") or not held <= labels:
-        # a phantom cohort of the same seed and grid holds the same first subjects: accept a larger one
-        raise ConfigError(f"{ds.root}: not the data the {stage} was trained on ({fp_train!r}); membership needs it")
-    n_trained = trained_on.get("subjects", len(labels))
-    train = [s for s in ds.labels if s not in held][:n_trained]
+    if not bundle.trained_on(stage, ds) or not held <= set(ds.labels):
+        what = trained_on.get("generated_by") or trained_on.get("name")
+        raise ConfigError(f"{ds.root}: not the data the {stage} was trained on ({what!r}); membership needs it")
+    # a larger phantom cohort of the same seed holds the training subjects first
+    train = [s for s in ds.labels if s not in held][:trained_on.get("subjects", len(ds))]
     return train, sorted(held)
 
 

@@ -203,53 +203,82 @@ def thresholds_from(matches: Sequence[Match], quantile: float) -> dict[str, floa
             "cosine": float(np.quantile([m.cosine for m in matches], quantile))}
 
 
-def audit(samples: Sequence[tuple[str, np.ndarray]], train, holdout, bundle, settings: AuditSettings = AuditSettings(),
-          device: str = "cpu", on_step: OnStep | None = None, reference: ReferenceSet | None = None) -> AuditReport:
-    """Audit ``samples`` ((id, volume (X, Y, Z) on the bundle's grid) pairs) against the training
-    dataset ``train``, calibrated on ``holdout`` (BIDS datasets on the bundle's grid). A ready
-    ``reference`` set of ``train`` may be passed (a release audits in rounds)."""
-    from synthbrain.data.template import load_template
+class Auditor:
+    """A training set prepared for search (:class:`ReferenceSet`) and thresholds calibrated on held-out
+    subjects: built once, then :meth:`audit` any number of samples (the app and a release do)."""
 
-    if len(holdout) < MIN_CALIBRATION:
-        raise ConfigError(f"the audit needs at least {MIN_CALIBRATION} held-out subjects to calibrate its thresholds, "
-                          f"got {len(holdout)}; pass more with --holdout")
-    ae = bundle.autoencoder.to(device).eval()
-    t0 = time.perf_counter()
-    if reference is None:
+    def __init__(self, bundle, train, holdout, settings: AuditSettings = AuditSettings(), device: str = "cpu",
+                 on_step: OnStep | None = None) -> None:
+        from synthbrain.data.template import load_template
+
+        if len(holdout) < MIN_CALIBRATION:
+            raise ConfigError(f"the audit needs at least {MIN_CALIBRATION} held-out subjects to calibrate its "
+                              f"thresholds, got {len(holdout)}; pass more with --holdout")
+        self.bundle, self.settings, self.device = bundle, settings, device
+        self.ae = bundle.autoencoder.to(device).eval()
+        t0 = time.perf_counter()
         mask = load_template(bundle.grid).search_mask
-        reference = ReferenceSet.build(train.labels, train.volume, ae, mask, settings, device, on_step)
-    t_ref = time.perf_counter() - t0
-    total = len(holdout) + len(samples)
-    done = [0]
+        n_steps = len(train) + len(holdout)
 
-    def run(volumes: Sequence[np.ndarray], stage: str) -> list[Match]:
+        def build_step(i: int, n: int, info: dict) -> None:
+            if on_step:
+                on_step(i, n_steps, info)
+
+        self.reference = ReferenceSet.build(train.labels, train.volume, self.ae, mask, settings, device, build_step)
+        self.seconds = {"reference_set": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        self.holdout_labels = list(holdout.labels)
+        self.holdout = self._run([holdout.volume(i) for i in range(len(holdout))], "held-out subjects",
+                                 on_step and (lambda i, n, info: on_step(len(train) + i, n_steps, info)))
+        self.seconds["calibration"] = time.perf_counter() - t1
+        self.thresholds = thresholds_from(self.holdout, settings.quantile)
+
+    def _run(self, volumes: Sequence[np.ndarray], stage: str, on_step: OnStep | None = None) -> list[Match]:
         def one(v: np.ndarray) -> Match:
-            return reference.query(v, ae, settings, device)
+            return self.reference.query(v, self.ae, self.settings, self.device)
 
         out = []
-        with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.jobs) as pool:
             for m in pool.map(one, volumes):
                 out.append(m)
-                done[0] += 1
                 if on_step:
-                    on_step(done[0], total, {"stage": stage})
+                    on_step(len(out), len(volumes), {"stage": stage})
         return out
 
-    t1 = time.perf_counter()
-    held = run([holdout.volume(i) for i in range(len(holdout))], "held-out subjects")
-    thr = thresholds_from(held, settings.quantile)
-    found = run([v for _, v in samples], "samples")
-    t_query = time.perf_counter() - t1
-    rows = []
-    for (sid, _), m in zip(samples, found):
-        above = {"image": m.correlation > thr["correlation"], "embedding": m.cosine > thr["cosine"]}
-        reasons = [k for k, v in above.items() if v]
-        rows.append({"id": sid, **m.to_dict(), "flagged": bool(reasons), "reasons": reasons})
-    pairs = (len(samples) + len(holdout)) * len(reference.labels)
-    return AuditReport(samples=rows, holdout=[{"label": lab, **m.to_dict()} for lab, m in zip(holdout.labels, held)],
-                       thresholds=thr, settings=settings, train_subjects=len(reference.labels), bundle=bundle.name,
-                       seconds={"reference_set": t_ref, "search": t_query,
-                                "per_sample_x_training_subject": t_query / pairs if pairs else float("nan")})
+    def is_flagged(self, m: Match) -> list[str]:
+        """The measures on which ``m`` is closer to a training subject than any held-out subject was."""
+        above = {"image": m.correlation > self.thresholds["correlation"],
+                 "embedding": m.cosine > self.thresholds["cosine"]}
+        return [k for k, v in above.items() if v]
+
+    def audit(self, samples: Sequence[tuple[str, np.ndarray]], on_step: OnStep | None = None) -> AuditReport:
+        """Audit ``samples``: (id, volume (X, Y, Z) on the bundle's grid) pairs."""
+        t0 = time.perf_counter()
+        found = self._run([v for _, v in samples], "samples", on_step)
+        t_query = time.perf_counter() - t0
+        rows = []
+        for (sid, _), m in zip(samples, found):
+            reasons = self.is_flagged(m)
+            rows.append({"id": sid, **m.to_dict(), "flagged": bool(reasons), "reasons": reasons})
+        n_train = len(self.reference.labels)
+        pairs = (len(samples) + len(self.holdout)) * n_train
+        search = t_query + self.seconds["calibration"]
+        return AuditReport(samples=rows, holdout=[{"label": lab, **m.to_dict()}
+                                                  for lab, m in zip(self.holdout_labels, self.holdout)],
+                           thresholds=self.thresholds, settings=self.settings, train_subjects=n_train,
+                           bundle=self.bundle.name,
+                           seconds={**self.seconds, "search": t_query,
+                                    "per_sample_x_training_subject": search / pairs if pairs else float("nan")})
+
+
+def audit(samples: Sequence[tuple[str, np.ndarray]], train, holdout, bundle, settings: AuditSettings = AuditSettings(),
+          device: str = "cpu", on_step: OnStep | None = None) -> AuditReport:
+    """Audit ``samples`` ((id, volume (X, Y, Z) on the bundle's grid) pairs) against the training
+    dataset ``train``, calibrated on ``holdout`` (BIDS datasets on the bundle's grid)."""
+    total = len(train) + len(holdout) + len(samples)
+    auditor = Auditor(bundle, train, holdout, settings, device, on_step)
+    offset = len(train) + len(holdout)
+    return auditor.audit(samples, on_step and (lambda i, n, info: on_step(offset + i, total, info)))
 
 
 # ------------------------------------------------------------------------------------- the report
@@ -387,13 +416,15 @@ def holdout_split(bundle, train_root, holdout_root=None, fraction: float = 0.1, 
     full = BIDSDataset(train_root, grid=bundle.grid, schema=schema)
     if holdout_root is not None:
         return full, BIDSDataset(holdout_root, grid=bundle.grid, schema=schema)
-    recorded = [s for s in bundle.config.get("prior", {}).get("val_subjects", []) if s in set(full.labels)]
+    # the prior's held-out subjects, when this is the data it was trained on
+    recorded = ([s for s in bundle.config.get("prior", {}).get("val_subjects", []) if s in set(full.labels)]
+                if bundle.trained_on("prior", full) else [])
     if recorded:
         held = recorded
     else:
         if not 0.0 < fraction < 1.0:
             raise ConfigError(f"holdout fraction must be in (0, 1), got {fraction}")
-        _, held = split_subjects(full.labels, fraction, seed=0)
+        _, held = split_subjects(full.labels, fraction, seed=0, min_val=MIN_CALIBRATION)
     if not held or len(held) == len(full):
         raise ConfigError(f"{train_root}: cannot split off held-out subjects for calibration; pass --holdout")
     train = [s for s in full.labels if s not in set(held)]
@@ -547,13 +578,8 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
 
     wanted = release_conditions(bundle, conditions, n, train, seed)
     gen = Generator(bundle, device=device, precision=precision)
-    ae = gen.autoencoder
-    from synthbrain.data.template import load_template
-
-    reference = ReferenceSet.build(train.labels, train.volume, ae, load_template(bundle.grid).search_mask,
-                                   settings, device)
-    held_matches = [reference.query(held.volume(i), ae, settings, device) for i in range(len(held))]
-    thr = thresholds_from(held_matches, settings.quantile)
+    auditor = Auditor(bundle, train, held, settings, device)
+    thr = auditor.thresholds
     writer = DatasetWriter(SYNTHETIC, "SynthBrain synthetic cohort (audited release)", generated_by(bundle),
                            folder=out)
     for i, cond in enumerate(wanted):
@@ -563,8 +589,8 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
             attempts = []
             for k in range(MAX_ATTEMPTS):
                 s = gen.sample(cond, n=1, seed=seed + i + k * n, steps=steps, guidance=guidance)[0]
-                m = reference.query(s.volume.data, ae, settings, device)
-                flagged = m.correlation > thr["correlation"] or m.cosine > thr["cosine"]
+                m = auditor.reference.query(s.volume.data, auditor.ae, settings, device)
+                flagged = bool(auditor.is_flagged(m))
                 attempts.append({"seed": s.seed, **m.to_dict(), "flagged": flagged})
                 if not flagged:
                     break
@@ -578,10 +604,10 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
             atomic_write(record, json.dumps(rec, indent=2, default=float) + "\n")  # last: the subject is done
         if on_step:
             on_step(i + 1, n, {"stage": "sample + audit"})
-    return _finish_release(out, bundle, n, thr, held, held_matches, settings, writer, plan)
+    return _finish_release(out, bundle, n, auditor, writer, plan)
 
 
-def _finish_release(out, bundle, n, thr, held, held_matches, settings, writer, plan) -> dict:
+def _finish_release(out, bundle, n, auditor: Auditor, writer, plan) -> dict:
     """participants.tsv, the audit report, the README and dataset_description.json, from the records."""
     import json
     from types import SimpleNamespace
@@ -589,6 +615,7 @@ def _finish_release(out, bundle, n, thr, held, held_matches, settings, writer, p
     from synthbrain.io import atomic_write
     from synthbrain.sampling import samples_table
 
+    thr = auditor.thresholds
     records = [json.loads((out / RELEASE_STATE / f"sub-synth{i + 1:04d}.json").read_text()) for i in range(n)]
     kept = [r for r in records if r["kept"]]
     replaced = sum(len(r["attempts"]) - 1 for r in kept)
@@ -607,8 +634,10 @@ def _finish_release(out, bundle, n, thr, held, held_matches, settings, writer, p
         audit_attempts={"Description": "samples drawn for this subject (1 = the first passed the audit)"})
     writer.table("participants.tsv", rows, cols, units)
     report = AuditReport(samples=[{"id": r["subject"], **r["match"], "flagged": False, "reasons": []} for r in kept],
-                         holdout=[{"label": lab, **m.to_dict()} for lab, m in zip(held.labels, held_matches)],
-                         thresholds=thr, settings=settings, train_subjects=len(plan["train"]), bundle=bundle.name)
+                         holdout=[{"label": lab, **m.to_dict()} for lab, m in zip(auditor.holdout_labels,
+                                                                                   auditor.holdout)],
+                         thresholds=thr, settings=auditor.settings, train_subjects=len(plan["train"]),
+                         bundle=bundle.name)
     summary = {"requested": n, "released": len(kept), "replaced_flagged_samples": replaced, "dropped": dropped,
                "thresholds": thr}
     d = report.to_dict() | {"release": summary}
