@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,8 +124,8 @@ def _tree(root) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def released(tiny_bundle, tiny_cohort, audit_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("release") / "cohort"
-    r = subprocess.run(_release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out), env=subprocess_env(), capture_output=True,
-                       text=True)
+    r = subprocess.run(_release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out), env=subprocess_env(),
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "released" in r.stdout
     return out
@@ -152,7 +153,7 @@ def test_a_release_is_a_valid_bids_derivative_of_audited_synthetic_subjects(rele
     assert units["measured_brain_volume"]["Units"] == "mL"
     for f in files:
         assert read_provenance(f) == SYNTHETIC
-        side = json.loads(open(f.replace(".nii.gz", ".json")).read())
+        side = json.loads(Path(f.replace(".nii.gz", ".json")).read_text())
         assert side["Audit"]["flagged"] is False and side["Audit"]["correlation"] <= side["Audit"]["thresholds"][
             "correlation"]
     report = json.loads((released / "audit" / "report.json").read_text())
