@@ -7,6 +7,7 @@ st.navigation([
     st.Page("app_pages/generate.py", title="Generate", icon=":material/neurology:", default=True),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("app_pages/trajectories.py", title="Trajectories", icon=":material/timeline:"),
+    st.Page("app_pages/audit.py", title="Audit", icon=":material/policy:"),
     st.Page("app_pages/model.py", title="Model", icon=":material/description:"),
     st.Page("app_pages/learn.py", title="Learn", icon=":material/school:"),
 ]).run()

@@ -11,7 +11,7 @@ from app_support import common, results
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
 
-GALLERY = "gen_gallery"          # this session's samples (list of GalleryItem), newest last
+GALLERY = results.GALLERY        # this session's samples (list of GalleryItem), newest last
 CURRENT = "gen_current"          # number of the sample shown on top
 MAX_GALLERY = 12                 # oldest samples are dropped beyond this many ...
 MAX_GALLERY_BYTES = 120 * 2**20  # ... or this much memory (a 1 mm sample is ~30 MB), keeping at least 2

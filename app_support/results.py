@@ -13,6 +13,7 @@ from synthbrain.export import DERIVED, REAL, SYNTHETIC, kind
 from synthbrain.io import Volume
 
 DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
+GALLERY = "gen_gallery"              # session state: this session's samples (GalleryItem), newest last
 
 
 def base_layer(display: bytes, name: str, label: str = "") -> Layer:

@@ -8,6 +8,7 @@ into the dataset) takes ``cohort_copy`` instead.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,3 +251,16 @@ def tiny_bundle(tmp_path_factory, tiny_cohort) -> Path:
     ae = train_autoencoder(data, base / "ae", grid="tiny",
                            config_file=write_json(base / "ae.json", TINY_AUTOENCODER))
     return train_prior(ae, data, base / "prior", config_file=write_json(base / "prior.json", TINY_PRIOR))
+
+
+@pytest.fixture(scope="session")
+def private_bundle(tmp_path_factory, tiny_bundle, tiny_cohort) -> Path:
+    """The tiny autoencoder with a tiny prior trained with 3 of the 10 subjects held out (enough to
+    calibrate an audit); its training data is ``<bundle>/../../datasets/cohort`` (``parents[1] / "datasets"``). Read-only."""
+    from synthbrain.training.prior import train_prior
+
+    base = tmp_path_factory.mktemp("private_bundle")
+    data = shutil.copytree(tiny_cohort.root, base / "datasets" / "cohort")
+    cfg = json.loads(json.dumps(TINY_PRIOR))
+    cfg["train"].update(val_fraction=0.4, val_every=0)
+    return train_prior(tiny_bundle, data, base / "prior", config_file=write_json(base / "p.json", cfg))

@@ -207,19 +207,15 @@ def test_the_attack_metrics_read_lower_scores_as_members():
 
 
 @pytest.mark.slow
-def test_evaluate_privacy_writes_the_audit_and_membership_figures(tiny_bundle, tiny_cohort, tmp_path):
+def test_evaluate_privacy_writes_the_audit_and_membership_figures(private_bundle, tmp_path):
     """On a prior trained with 3 of its 10 subjects held out: the share of fresh samples flagged and both
     attacks' AUC land in metrics.json and the model card; the members are the training subjects."""
     import shutil
 
-    from conftest import TINY_PRIOR, write_json
+    from synthbrain.bundle import copy_bundle
 
-    from synthbrain.training.prior import train_prior
-
-    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
-    cfg = json.loads(json.dumps(TINY_PRIOR))
-    cfg["train"].update(val_fraction=0.4, val_every=0)
-    bundle = train_prior(tiny_bundle, data, tmp_path / "prior", config_file=write_json(tmp_path / "p.json", cfg))
+    bundle = copy_bundle(private_bundle, tmp_path / "bundle")
+    data = shutil.copytree(private_bundle.parents[1] / "datasets" / "cohort", tmp_path / "data")
     r = subprocess.run([sys.executable, "-m", "synthbrain", "evaluate", "privacy", "--bundle", str(bundle), "--data",
                         str(data), "--n-samples", "3"], env=subprocess_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
