@@ -256,7 +256,7 @@ def tiny_bundle(tmp_path_factory, tiny_cohort) -> Path:
 @pytest.fixture(scope="session")
 def private_bundle(tmp_path_factory, tiny_bundle, tiny_cohort) -> Path:
     """The tiny autoencoder with a tiny prior trained with 3 of the 10 subjects held out (enough to
-    calibrate an audit); its training data is ``<bundle>/../../datasets/cohort`` (``parents[1] / "datasets"``). Read-only."""
+    calibrate an audit); its training data is ``bundle.parents[1] / "datasets" / "cohort"``. Read-only."""
     from synthbrain.training.prior import train_prior
 
     base = tmp_path_factory.mktemp("private_bundle")
