@@ -5,6 +5,7 @@ Configuration (environment, so that ``synthbrain app`` and tests can set it):
     SYNTHBRAIN_BUNDLE   bundle folder to open first (default: the demo bundle shipped in the package)
     SYNTHBRAIN_MODELS   folder whose sub-folders are bundles to choose from in the sidebar
     SYNTHBRAIN_DEVICE   torch device for the models (default: cuda when available, else cpu)
+    SYNTHBRAIN_DATA     folder of BIDS datasets: the Audit page finds a model's training data there
 
 One user's inputs and results live only in ``st.session_state``; the shared caches hold the bundle,
 the generator and results computed from built-in data (the template, phantom subjects), never an

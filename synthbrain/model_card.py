@@ -84,6 +84,9 @@ def render_model_card(bundle_dir: Path) -> str:
         for section, values in metrics.items():
             if isinstance(values, dict):
                 lines += [f"### {section}", "", _table(values)]
+                for name, sub in values.items():  # one level of nested figures (adherence, audit, membership)
+                    if isinstance(sub, dict) and name not in ("per_subject", "units", "weights_sha256") and _table(sub):
+                        lines += [f"#### {section}: {name}", "", _table(sub)]
     phantom = any(cfg.get(stage, {}).get("data_fingerprint", {}).get("phantom") for stage in ("autoencoder", "prior"))
     lines += [INTENDED_USE, PHANTOM_LIMITS if phantom else GENERIC_LIMITS]
     extra = bundle_dir / "CARD_NOTES.md"
