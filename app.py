@@ -1,8 +1,12 @@
 """SynthBrain app: `streamlit run app.py` (or `synthbrain app`). Page config and navigation only."""
 
+from pathlib import Path
+
 import streamlit as st
 
-st.set_page_config(page_title="SynthBrain", page_icon=":material/neurology:", layout="wide")
+# a local file, not a ":material/...:" icon: Streamlit fetches those favicons from Google's servers
+st.set_page_config(page_title="SynthBrain", page_icon=str(Path(__file__).parent / "app_support" / "favicon.png"),
+                   layout="wide")
 st.navigation([
     st.Page("app_pages/generate.py", title="Generate", icon=":material/neurology:", default=True),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),

@@ -16,7 +16,16 @@ if common.is_phantom(bundle):
 
 card, config, metrics, curves = st.tabs(["Model card", "Configuration", "Metrics", "Training curves"])
 with card:
-    st.markdown(bundle.card or "_This bundle has no MODEL_CARD.md._")
+    import re
+
+    # the card's pictures are files in the bundle: shown here, not linked (a relative link would 404)
+    pictures = re.findall(r"^!\[([^\]]*)\]\(([^)]+)\)\s*$", bundle.card, flags=re.M)
+    text = re.sub(r"^!\[[^\]]*\]\([^)]+\)\s*$", "", bundle.card, flags=re.M)
+    st.markdown(text or "_This bundle has no MODEL_CARD.md._")
+    for caption, name in pictures:
+        f = bundle.path / name if bundle.path else None
+        if f is not None and f.is_file() and f.parent == bundle.path:
+            st.image(f.read_bytes(), caption=caption)
 with config:
     st.markdown("**Conditions**")
     st.dataframe(pd.DataFrame([{"name": c.name, "label": c.label, "unit": c.unit, "kind": c.kind,

@@ -85,7 +85,8 @@ def wait_for_script(page, timeout_ms: int = 120_000) -> None:
 
 
 PAGES = {"": "Generate a synthetic brain", "/compare": "Compare a scan with its reconstruction",
-         "/trajectories": "Trajectories: one brain through age", "/learn": "Learn: how a synthetic brain is made"}
+         "/trajectories": "Trajectories: one brain through age", "/audit": "Audit samples for memorisation",
+         "/model": "Bundle folder:", "/learn": "Learn: how a synthetic brain is made"}
 
 
 def open_app_page(page, url: str, path: str = "") -> None:

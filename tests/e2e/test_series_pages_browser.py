@@ -59,3 +59,19 @@ def test_learn_shows_the_live_models_pictures(page, server):
     for i in range(4):
         assert images.nth(i).evaluate("img => img.complete && img.naturalWidth") > 500
     page.screenshot(path="/tmp/synthbrain-e2e-learn.png", full_page=True)
+
+
+def test_no_page_sends_a_request_off_this_machine(page, server):
+    """Every page, visited in a browser, asks only the app's own server for anything (fonts, icons
+    and the favicon included): offline it works, and in a hospital it tells nobody it is in use."""
+    from urllib.parse import urlsplit
+
+    from .e2e_helpers import PAGES, open_app_page
+
+    hosts: list[str] = []
+    page.on("request", lambda r: hosts.append(urlsplit(r.url).hostname or r.url.split(":")[0]))
+    for path in PAGES:
+        open_app_page(page, server.url, path)
+    page.wait_for_timeout(1500)  # late requests (the favicon, lazily loaded fonts)
+    assert hosts and "127.0.0.1" in hosts
+    assert sorted(set(hosts) - {"127.0.0.1", "data", "blob"}) == []
