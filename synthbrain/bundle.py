@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +31,11 @@ from synthbrain.errors import BundleError, SynthBrainError
 from synthbrain.grids import Grid
 
 FORMAT_VERSION = 1
+# What a bundle may imply before anything of it is allocated (the published UK Biobank prior has
+# 553 M parameters; a 1 mm decode of its autoencoder peaks near 13 GB):
+MAX_PARAMETERS = 1_000_000_000          # per network
+MAX_ACTIVATION_BYTES = 32 * 1024**3     # the largest feature maps of one volume's forward pass, estimated
+TRUST_ENV = "SYNTHBRAIN_TRUST_UNVERIFIED"  # "1": load a bundle whose config.json has no checksums
 COMPONENTS = ("autoencoder", "prior")
 TRAINING_LOG_SUFFIX = "_training.csv"  # <stage>_training.csv: the run's metrics.csv, kept with the weights
 INTENSITY = {"method": "divide by the 99.5th percentile of brain voxels, clip to [0, 1]",
@@ -68,9 +75,13 @@ class Bundle:
     def scale_factor(self) -> float:
         """The latent scale factor the prior was trained with (saved once, never recomputed)."""
         try:
-            return float(self.config["prior"]["latent_scale_factor"])
+            value = float(self.config["prior"]["latent_scale_factor"])
         except (KeyError, TypeError, ValueError):
             raise BundleError(f"{self.path}: config.json has no prior.latent_scale_factor") from None
+        if not (math.isfinite(value) and value > 0):
+            raise BundleError(f"{self.path}: config.json: prior.latent_scale_factor must be finite and > 0, "
+                              f"got {value}")
+        return value
 
     @property
     def population(self):
@@ -137,6 +148,53 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
+def _networks(cfg: dict, grid: Grid, schema: ConditionSchema, components: tuple[str, ...]) -> dict:
+    """The networks a config describes, built on PyTorch's ``meta`` device: no memory is allocated."""
+    import torch
+
+    from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
+
+    out = {}
+    with torch.device("meta"):
+        ae_cfg = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
+        if "autoencoder" in components:
+            out["autoencoder"] = Autoencoder(ae_cfg)
+        if "prior" in components and "prior" in cfg:
+            from synthbrain.models.prior import Prior, PriorConfig
+
+            out["prior"] = Prior(PriorConfig.from_dict(cfg["prior"]["config"]),
+                                 latent_shape=ae_cfg.latent_shape(grid.shape), condition_width=schema.width)
+    return out
+
+
+def implied_size(cfg: dict, grid: Grid, schema: ConditionSchema, components: tuple[str, ...] = COMPONENTS) -> dict:
+    """Parameters of each network, and an estimate of the largest feature maps of one volume's pass
+    through the autoencoder (bytes, float32: the widest level's channels at its resolution, times a
+    few live tensors), from the config alone."""
+    nets = _networks(cfg, grid, schema, components)
+    params = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+    from synthbrain.models.autoencoder import AutoencoderConfig
+
+    ae = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
+    voxels, widest, scale = math.prod(grid.shape), 0, 1
+    for c, r, st in zip(ae.channels, ae.num_res_channels, ae.strides):
+        scale *= st
+        widest = max(widest, max(c, r) * voxels // scale**3)
+    return {"parameters": params, "activation_bytes": 4 * 4 * widest}
+
+
+def _check_size(path: Path, cfg: dict, grid: Grid, schema: ConditionSchema, components: tuple[str, ...]) -> None:
+    size = implied_size(cfg, grid, schema, components)
+    for name, n in size["parameters"].items():
+        if n > MAX_PARAMETERS:
+            raise BundleError(f"{path}: the {name} config implies {n:,} parameters ({4 * n / 1024**3:.1f} GiB); "
+                              f"at most {MAX_PARAMETERS:,} are loaded")
+    if size["activation_bytes"] > MAX_ACTIVATION_BYTES:
+        raise BundleError(f"{path}: the autoencoder config implies about {size['activation_bytes'] / 1024**3:.0f} GiB "
+                          f"of feature maps per volume ({sum(size['parameters'].values()):,} parameters); at most "
+                          f"{MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB")
+
+
 def _load_weights(path: Path, component: str, cfg: dict) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -145,6 +203,10 @@ def _load_weights(path: Path, component: str, cfg: dict) -> dict:
     if not f.is_file():
         raise BundleError(f"{path}: {f.name} is missing")
     expected = cfg[component].get("sha256")
+    if not expected and os.environ.get(TRUST_ENV) != "1":
+        raise BundleError(f"{path}/config.json has no sha256 for {f.name}, so damaged or replaced weights could not "
+                          f"be told from the real ones; load it anyway only if you trust it: synthbrain "
+                          f"--trust-unverified ... (or {TRUST_ENV}=1)")
     if expected and sha256_file(f) != expected:
         raise BundleError(f"{f}: checksum does not match config.json (corrupt or replaced file)")
     try:
@@ -186,6 +248,12 @@ def load_bundle(path: str | Path | None = None, device: str = "cpu",
         schema = ConditionSchema.from_dict(cfg["conditions"])
     except (KeyError, TypeError) as e:
         raise BundleError(f"{path}/config.json: grid or conditions entry is incomplete ({e})") from None
+    except SynthBrainError as e:
+        raise BundleError(f"{path}/config.json: {e}") from None
+    try:
+        _check_size(path, cfg, grid, schema, components)
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{path}/config.json: a network entry is incomplete ({e})") from None
     except SynthBrainError as e:
         raise BundleError(f"{path}/config.json: {e}") from None
     bundle = Bundle(path=path, config=cfg, grid=grid, schema=schema)

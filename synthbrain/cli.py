@@ -21,6 +21,18 @@ evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a bundle's stage
 app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
 
+@app.callback()
+def _options(trust_unverified: bool = typer.Option(
+        False, "--trust-unverified", help="load bundles whose config.json has no checksums of their weights")) -> None:
+    """SynthBrain: synthetic 3D brain MRI (VQ-VAE + conditional latent diffusion)."""
+    import os
+
+    if trust_unverified:
+        from synthbrain.bundle import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+
+
 GridOpt = typer.Option("demo", "--grid", help="demo (80x112x80 at 2 mm) or full (160x224x160 at 1 mm)")
 
 

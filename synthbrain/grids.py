@@ -9,6 +9,7 @@ whole millimetres, like the MNI152 template's, so a 1 mm template is resampled w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,9 @@ import numpy as np
 from synthbrain.errors import ConfigError
 
 SPACE = "MNI152NLin2009aSym"
+MAX_GRID_AXIS = 512                 # voxels along one axis (0.5 mm over a 256 mm head)
+MAX_GRID_VOXELS = 64 * 1024**2      # as many voxels as an upload may hold (synthbrain.io.UPLOAD_MAX_VOXELS)
+MAX_SPACING_MM = 10.0
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,15 @@ class Grid:
     origin: tuple[float, float, float]
 
     def __post_init__(self) -> None:
-        if len(self.shape) != 3 or min(self.shape) < 8:
-            raise ConfigError(f"grid {self.name!r}: shape must be 3 sizes >= 8, got {self.shape}")
-        if not self.spacing > 0:
-            raise ConfigError(f"grid {self.name!r}: spacing must be > 0 mm, got {self.spacing}")
+        if len(self.shape) != 3 or not all(isinstance(s, int) for s in self.shape) or min(self.shape) < 8:
+            raise ConfigError(f"grid {self.name!r}: shape must be 3 whole numbers >= 8, got {self.shape}")
+        if max(self.shape) > MAX_GRID_AXIS or math.prod(self.shape) > MAX_GRID_VOXELS:
+            raise ConfigError(f"grid {self.name!r}: shape {tuple(self.shape)} is too large (at most {MAX_GRID_AXIS} "
+                              f"voxels per axis and {MAX_GRID_VOXELS:,} in all)")
+        if not (math.isfinite(self.spacing) and 0 < self.spacing <= MAX_SPACING_MM):
+            raise ConfigError(f"grid {self.name!r}: spacing must be in (0, {MAX_SPACING_MM:g}] mm, got {self.spacing}")
+        if len(self.origin) != 3 or not all(math.isfinite(o) and abs(o) < 1e4 for o in self.origin):
+            raise ConfigError(f"grid {self.name!r}: origin must be 3 finite mm values, got {self.origin}")
 
     @property
     def affine(self) -> np.ndarray:
@@ -63,8 +72,11 @@ class Grid:
 
     @classmethod
     def from_dict(cls, d: dict) -> Grid:
-        return cls(name=d["name"], shape=tuple(d["shape"]), spacing=float(d["spacing"]),
-                   origin=tuple(float(v) for v in d["origin"]))
+        try:
+            return cls(name=str(d["name"]), shape=tuple(d["shape"]), spacing=float(d["spacing"]),
+                       origin=tuple(float(v) for v in d["origin"]))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"grid entry is malformed ({e})") from None
 
 
 FULL = Grid("full", (160, 224, 160), 1.0, (-80.0, -129.0, -76.0))

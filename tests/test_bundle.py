@@ -105,12 +105,38 @@ def _damaged(tiny_bundle, tmp_path, how: str):
         b.mkdir()
     elif how == "no such folder":
         shutil.rmtree(b)
-    elif how == "pickle instead of safetensors":
+    elif how == "pickle instead of safetensors":  # (and trusted: see test_damaged_bundle_is_refused)
         w = b / "autoencoder.safetensors"
         torch.save({"x": torch.zeros(2)}, w)  # what a careless export might leave
         cfg["autoencoder"].pop("sha256")
         cfg_path.write_text(json.dumps(cfg))
+    elif how == "weights flipped, checksum removed":
+        w = b / "prior.safetensors"
+        raw = bytearray(w.read_bytes())
+        raw[-10] ^= 0xFF
+        w.write_bytes(bytes(raw))
+        cfg["prior"].pop("sha256")
+        cfg_path.write_text(json.dumps(cfg))
+    elif how in TAMPERED:
+        section, key, value = TAMPERED[how]
+        target = cfg
+        for k in section:
+            target = target[k]
+        target[key] = value
+        cfg_path.write_text(json.dumps(cfg))  # json writes NaN, and reads it back
     return b
+
+
+# config.json edits that must be refused before anything is allocated: (path, key, value)
+TAMPERED = {
+    "grid of 1024 per axis": (("grid",), "shape", [1024, 1024, 1024]),
+    "grid of 125 M voxels": (("grid",), "shape", [500, 500, 500]),
+    "negative spacing": (("grid",), "spacing", -2.0),
+    "a million channels": (("autoencoder", "config"), "channels", [1_000_000, 8, 8]),
+    "1e10 timesteps": (("prior", "config"), "num_train_timesteps", 10_000_000_000),
+    "NaN scale factor": (("prior",), "latent_scale_factor", float("nan")),
+    "unknown noise schedule": (("prior", "config"), "schedule", "exotic"),
+}
 
 
 DAMAGE = {
@@ -123,15 +149,61 @@ DAMAGE = {
     "not a bundle": "not a model bundle",
     "no such folder": "bundle folder not found",
     "pickle instead of safetensors": "cannot read weights",
+    "weights flipped, checksum removed": "has no sha256 for prior.safetensors",
+    "grid of 1024 per axis": "too large",
+    "grid of 125 M voxels": "too large",
+    "negative spacing": "spacing must be in",
+    "a million channels": "at most 6 levels of at most 1024",
+    "1e10 timesteps": "num_train_timesteps must be in",
+    "NaN scale factor": "latent_scale_factor must be finite",
+    "unknown noise schedule": "schedule must be one of",
 }
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_damaged_bundle_is_refused(tiny_bundle, tmp_path, how):
+def test_damaged_bundle_is_refused(tiny_bundle, tmp_path, how, monkeypatch):
+    from synthbrain.bundle import TRUST_ENV
+
     b = _damaged(tiny_bundle, tmp_path, how)
+    if how == "pickle instead of safetensors":  # trusted, so that the pickle itself is what is refused
+        monkeypatch.setenv(TRUST_ENV, "1")
     with pytest.raises(BundleError, match=DAMAGE[how]) as e:
-        load_bundle(b)
+        assert load_bundle(b).scale_factor > 0
     assert "\n" not in str(e.value)
+
+
+def test_an_unverified_bundle_loads_only_when_trusted(tiny_bundle, tmp_path, monkeypatch):
+    from synthbrain.bundle import TRUST_ENV
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    cfg = json.loads((b / "config.json").read_text())
+    for c in ("autoencoder", "prior"):
+        cfg[c].pop("sha256")
+    (b / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="--trust-unverified"):
+        load_bundle(b)
+    monkeypatch.setenv(TRUST_ENV, "1")
+    assert load_bundle(b).prior is not None
+
+
+@pytest.mark.parametrize("how", ["grid of 1024 per axis", "a million channels", "1e10 timesteps", "NaN scale factor",
+                                 "weights flipped, checksum removed"])
+def test_cli_refuses_a_tampered_bundle_in_one_line_with_little_memory(tiny_bundle, tmp_path, how):
+    """`synthbrain sample` on a tampered bundle: exit 2, one line, no traceback, and the process never
+    came near allocating what the config asks for (peak RSS < 1 GB)."""
+    b = _damaged(tiny_bundle, tmp_path, how)
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(r.returncode); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.stderr.write(r.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "synthbrain", "sample", "--bundle", str(b),
+                        "--steps", "2", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       env=subprocess_env())
+    rc, peak_kib = (int(x) for x in r.stdout.split())
+    assert rc == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("synthbrain: error:") and DAMAGE[how].split()[0] in r.stderr
+    assert peak_kib < 1024**2, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_a_damaged_bundle_in_one_line(tiny_bundle, tiny_cohort, tmp_path):

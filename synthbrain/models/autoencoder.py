@@ -51,10 +51,17 @@ class AutoencoderConfig:
             raise ConfigError("num_res_channels must have one entry per level (as many as channels)")
         if len(strides) != len(self.channels) or not set(strides) <= {1, 2}:
             raise ConfigError(f"autoencoder strides must be 1 or 2, one per level of channels, got {list(strides)}")
-        if self.num_embeddings < 2 or self.embedding_dim < 1:
-            raise ConfigError("num_embeddings must be >= 2 and embedding_dim >= 1")
+        if len(self.channels) > 6 or max(self.channels) > 1024 or max(self.num_res_channels) > 1024:
+            raise ConfigError(f"autoencoder channels must be at most 6 levels of at most 1024, got {self.channels}")
+        if min(self.num_res_channels) < 1 or not 0 <= self.num_res_layers <= 16:
+            raise ConfigError("autoencoder num_res_channels must be positive and num_res_layers in 0..16")
+        if not (2 <= self.num_embeddings <= 65536 and 1 <= self.embedding_dim <= 256):
+            raise ConfigError(f"num_embeddings must be in 2..65536 and embedding_dim in 1..256, got "
+                              f"{self.num_embeddings} and {self.embedding_dim}")
         if not 0.0 < self.decay < 1.0:
             raise ConfigError(f"decay must be in (0, 1), got {self.decay}")
+        if not (math.isfinite(self.commitment_cost) and self.commitment_cost >= 0 and self.dead_code_threshold >= 0):
+            raise ConfigError("commitment_cost and dead_code_threshold must be finite and >= 0")
 
     @property
     def downsampling(self) -> int:

@@ -45,6 +45,19 @@ class PriorConfig:
         object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
         if len(self.channels) != len(self.attention_levels):
             raise ConfigError("prior attention_levels needs one entry per channels level")
+        if not self.channels or len(self.channels) > 6 or not 1 <= min(self.channels) <= max(self.channels) <= 2048:
+            raise ConfigError(f"prior channels must be 1..6 levels of 1..2048, got {self.channels}")
+        if not (1 <= self.num_res_blocks <= 8 and 1 <= self.num_head_channels <= 1024 and self.norm_num_groups >= 1):
+            raise ConfigError("prior num_res_blocks must be in 1..8, num_head_channels in 1..1024 and "
+                              "norm_num_groups >= 1")
+        if not 1 <= self.num_train_timesteps <= 100_000:
+            raise ConfigError(f"num_train_timesteps must be in 1..100000, got {self.num_train_timesteps}")
+        if self.schedule not in ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"):
+            raise ConfigError(f"schedule must be one of MONAI's linear_beta, scaled_linear_beta, sigmoid_beta, "
+                              f"cosine; got {self.schedule!r}")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ConfigError(f"the noise schedule needs 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+                              f"{self.beta_end}")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ConfigError(f"prior channels {self.channels} must be multiples of norm_num_groups "
                               f"({self.norm_num_groups})")
