@@ -55,16 +55,16 @@ def main() -> None:
                         read_metrics(a.baseline / "autoencoder_training.csv"), get_grid(cfg["grid"]["name"])))
     for run in a.runs:
         info = json.loads((run / "run.json").read_text())
-        designs.append((run.name, AutoencoderConfig.from_dict(info["config"]["model"]), read_metrics(run / "metrics.csv"),
-                        get_grid(info["grid"])))
+        cfg = AutoencoderConfig.from_dict(info["config"]["model"])
+        designs.append((run.name, cfg, read_metrics(run / "metrics.csv"), get_grid(info["grid"])))
     lines = [f"| {at} " + row(name, cfg, rows, grid, at) for at in a.at for name, cfg, rows, grid in designs
              if any(r["split"] == "val" and r["step"] == at for r in rows)]
     body = (f"Held-out validation (8 subjects) after {' and '.join(map(str, a.at))} optimiser steps of batch 1, "
             "lr 3e-4 with a 200-step "
             "warm-up, L1 + 0.1 spectral loss, the same data and seed. Size budget: code bits / bits of the volume as "
             "16-bit integers (at most 1 %). s/step: fastest logged rate, one thread (the runs shared the 2 cores "
-            "with each other, so times are upper bounds; the baseline's comes from its own run with 2 threads). abl-d was "
-            "stopped after 250 steps: its codebook usage (14 %) was already far behind.\n\n"
+            "with each other, so times are upper bounds; the baseline's comes from its own run with 2 threads). "
+            "abl-d was stopped after 250 steps: its codebook usage (14 %) was already far behind.\n\n"
             "| step | design | channels | latent (C x X x Y x Z) | codes | code bits | parameters | PSNR brain (dB) | "
             "PSNR (dB) | SSIM | codebook usage | s/step |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             + "\n".join(lines) + "\n")
