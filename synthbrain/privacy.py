@@ -95,18 +95,22 @@ class ReferenceSet:
     does not count. Embedding measure: centred, unit-norm encoder features.
     """
 
-    def __init__(self, labels: Sequence[str], volumes: np.ndarray, embeddings: np.ndarray, mask: np.ndarray,
-                 pad: int, smooth: float = 1.0) -> None:
+    def __init__(self, labels: Sequence[str], mask: np.ndarray, pad: int, smooth: float = 1.0) -> None:
         self.labels = list(labels)
         self.pad, self.smooth = pad, smooth
         self.shape = tuple(s + 2 * pad for s in mask.shape)
-        padded = np.pad(mask, pad)
-        self.index = np.flatnonzero(padded)                     # mask voxels, flat, in the padded grid
-        flat = np.stack([self._padded(v)[self.index] for v in volumes])              # (N, |M|)
+        self.index = np.flatnonzero(np.pad(mask, pad))          # mask voxels, flat, in the padded grid
+
+    def _fit(self, flat: np.ndarray, embeddings: np.ndarray) -> ReferenceSet:
+        """From the training subjects' masked intensities (N, |M|) and embeddings (N, E); ``flat``
+        is overwritten (the deviations take its place: one copy of the training set in memory)."""
         self.mean = flat.mean(axis=0)
-        self.deviations = np.stack([_standardise(f - self.mean) for f in flat])   # (N, |M|)
+        for i in range(len(flat)):
+            flat[i] = _standardise(flat[i] - self.mean)
+        self.deviations = flat                                                      # (N, |M|)
         self.mean_embedding = embeddings.mean(axis=0)
         self.embeddings = _unit(embeddings - self.mean_embedding)                 # (N, E)
+        return self
 
     def _padded(self, volume: np.ndarray) -> np.ndarray:
         from scipy.ndimage import gaussian_filter
@@ -119,14 +123,17 @@ class ReferenceSet:
     @classmethod
     def build(cls, labels: Sequence[str], get_volume: Callable[[int], np.ndarray], autoencoder, mask: np.ndarray,
               settings: AuditSettings, device: str = "cpu", on_step: OnStep | None = None) -> ReferenceSet:
-        vols, embs = [], []
+        """Read, smooth, mask and embed each training volume once (memory: N x |M| floats)."""
+        ref = cls(labels, mask, settings.max_shift, settings.smooth)
+        flat = np.empty((len(labels), len(ref.index)), np.float32)
+        embs = []
         for i in range(len(labels)):
             v = get_volume(i)
-            vols.append(v)
+            flat[i] = ref._padded(v)[ref.index]
             embs.append(embed(autoencoder, v, device))
             if on_step:
                 on_step(i + 1, len(labels), {"stage": "training set"})
-        return cls(labels, np.stack(vols), np.stack(embs), mask, settings.max_shift, settings.smooth)
+        return ref._fit(flat, np.stack(embs))
 
     def _offset(self, d: Sequence[int]) -> int:
         return int(np.ravel_multi_index(tuple(self.pad + k for k in d), self.shape)
