@@ -11,6 +11,7 @@ from app_support import common, scans, trajectory
 from app_support.results import base_layer
 from app_support.viewer import Panel, viewer
 from synthbrain.errors import SynthBrainError
+from synthbrain.sampling import guidance_warning
 
 RESULT = "traj_result"           # this session's latest Trajectory
 FRAME = "traj_frame"             # index of the frame shown
@@ -74,6 +75,8 @@ with st.sidebar:
     prior_cfg = bundle.prior.config
     steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="traj_steps")
     guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="traj_guidance")
+    if note := guidance_warning(bundle, guidance):
+        st.warning(note, icon=":material/warning:")
     strength = 0.5
     if start == "scan":
         strength = st.slider("Edit strength", 0.1, 1.0, 0.5, step=0.05, key="traj_strength",

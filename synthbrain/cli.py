@@ -252,6 +252,9 @@ def sample(
     b = load_bundle(bundle)
     gen = Generator(b, device=pick_device(device), precision=precision)
     full = gen.complete(values)  # validates before any work: out-of-range values stop here
+    note = gen.guidance_warning(guidance)
+    if note:
+        typer.echo(f"synthbrain: warning: {note}", err=True)
     with progress(f"sample ({gen.device})") as on_step:
         samples = gen.sample(full, n=n, seed=seed, steps=steps, guidance=guidance, on_step=on_step)
     with progress("write + measure") as on_step:
@@ -378,6 +381,36 @@ def release(
                 settings=AuditSettings(max_shift=max_shift), device=device, precision=precision, on_step=on_step)
     typer.echo(f"released {s['released']} of {s['requested']} synthetic subjects to {out}; "
                f"{s['replaced_flagged_samples']} flagged samples replaced, {len(s['dropped'])} dropped")
+
+
+@evaluate_app.command("guidance")
+def evaluate_guidance_cmd(
+    bundle: Path = typer.Option(..., "--bundle"),
+    data: Path = typer.Option(..., "--data", help="BIDS dataset whose conditions are requested"),
+    values: str = typer.Option("0,1,1.5,2,3,5,7.5,10", "--values", help="guidance scales, comma-separated"),
+    n_conditions: int = typer.Option(16, "--n-conditions", min=3),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
+    device: str = typer.Option("cpu", "--device"),
+    precision: str = PrecisionOpt,
+) -> None:
+    """Adherence, diversity and artefacts at each guidance scale; the good range goes to config.json
+    (the CLI and the app warn outside it) and the curve to metrics.json."""
+    from synthbrain.evaluation import guidance_sweep
+
+    try:
+        scales = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise SynthBrainError(f"--values {values!r}: expected numbers separated by commas") from None
+    with progress("guidance sweep") as on_step:
+        r = guidance_sweep(bundle, data, scales, n_conditions=n_conditions, steps=steps, device=device,
+                           precision=precision, on_step=on_step)
+    for p in r["curve"]:
+        typer.echo(f"guidance {p['guidance']:>4g}: ventricles r {p['ventricular_volume']['r']:.3f} "
+                   f"(MAE {p['ventricular_volume']['mae']:.1f} mL), brain r {p['brain_volume']['r']:.3f} "
+                   f"(MAE {p['brain_volume']['mae']:.1f} mL), same-condition MS-SSIM "
+                   f"{p['ms_ssim_same_condition']:.3f}, "
+                   f"bright outside the brain {100 * p['bright_outside_brain']:.3f} %{'  good' if p['good'] else ''}")
+    typer.echo(f"good range: {r['good_range']} -> {bundle / 'config.json'}")
 
 
 @evaluate_app.command("privacy")

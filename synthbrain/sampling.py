@@ -176,6 +176,9 @@ class Generator:
         vec = torch.from_numpy(np.stack([self.schema.encode(c) for c in full]))[:, None, :]
         return vec, full
 
+    def guidance_warning(self, guidance: float | None) -> str | None:
+        return guidance_warning(self.bundle, guidance)
+
     def _steps_and_guidance(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         steps = int(steps or self.config.default_steps)
         guidance = float(self.config.default_guidance if guidance is None else guidance)
@@ -236,6 +239,19 @@ class Generator:
         return Sample(Volume(vol, self.grid.affine, source=f"edit-seed-{seed}"), full[0], seed, steps, guidance,
                       info={"strength": strength, "precision": self.precision, "provenance": DERIVED,
                             "source_digest": source_digest(np.asarray(volume, np.float32))})
+
+
+def guidance_warning(bundle, guidance: float | None) -> str | None:
+    """A sentence when ``guidance`` is outside the range of scales the bundle was measured to sample
+    well at (``prior.guidance_range``, written by ``synthbrain evaluate guidance``), else None."""
+    prior = bundle.config.get("prior", {})
+    r = prior.get("guidance_range")
+    g = float(prior.get("config", {}).get("default_guidance", 1.0) if guidance is None else guidance)
+    if not r or float(r[0]) <= g <= float(r[1]):
+        return None
+    what = ("the requested volumes are followed loosely" if g < float(r[0])
+            else "samples may show artefacts (bright blobs outside the brain) and vary less")
+    return f"guidance {g:g} is outside this model's measured good range {r[0]:g}-{r[1]:g}: {what}"
 
 
 def sample_sidecar(sample: Sample, bundle, extra: Mapping[str, Any] | None = None) -> dict:

@@ -139,3 +139,34 @@ def test_precision_is_resolved_checked_and_recorded(gen, tiny_bundle):
     # bf16 autocast rounds, it does not change the brain
     assert float(np.abs(a.volume.data - b.volume.data).mean()) < 0.02
 
+
+
+def test_guidance_outside_the_measured_range_is_warned_about(tiny_bundle, tmp_path):
+    """`evaluate guidance` measures each scale and writes the curve; outside the good range in
+    config.json, `synthbrain sample` warns (and still samples)."""
+    from synthbrain.bundle import copy_bundle, read_config, write_config
+    from synthbrain.sampling import guidance_warning
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    env = subprocess_env()
+    data = tiny_bundle.parents[1] / "data"
+    r = subprocess.run([sys.executable, "-m", "synthbrain", "evaluate", "guidance", "--bundle", str(b), "--data",
+                        str(data), "--values", "1,4", "--n-conditions", "3", "--steps", "2"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sweep = json.loads((b / "metrics.json").read_text())["guidance_sweep"]
+    assert [p["guidance"] for p in sweep["curve"]] == [1.0, 4.0]
+    assert {"ventricular_volume", "brain_volume", "ms_ssim_same_condition", "bright_outside_brain", "good"} <= set(
+        sweep["curve"][0])
+    cfg = read_config(b)
+    cfg["prior"]["guidance_range"] = [1.0, 3.0]   # as a sweep that found 1..3 good would write it
+    write_config(b, cfg)
+    bundle = load_bundle(b)
+    assert guidance_warning(bundle, 2.0) is None and guidance_warning(bundle, None) is None  # the default, 2
+    assert "outside this model's measured good range 1-3" in guidance_warning(bundle, 10.0)
+    assert "followed loosely" in guidance_warning(bundle, 0.0)
+    r = subprocess.run([sys.executable, "-m", "synthbrain", "sample", "--bundle", str(b), "--guidance", "9",
+                        "--steps", "2", "--out", str(tmp_path / "out"), "--no-measure"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "warning: guidance 9 is outside" in r.stderr
+    assert len(list((tmp_path / "out").glob("sub-*/anat/*.nii.gz"))) == 1
