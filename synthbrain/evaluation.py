@@ -298,8 +298,17 @@ def evaluate_privacy(bundle_path: str | Path, data: str | Path, n_samples: int =
     return result
 
 
-GUIDANCE_RULE = ("ventricles r >= 0.95, brain r >= 0.90 (requested vs measured) and under 0.1 % of the voxels outside "
-                 "the template's dilated brain mask brighter than 0.1 (no blobs)")
+GUIDANCE_RULE = ("ventricles r >= 0.95 and brain r >= 0.90 (requested vs measured), each volume's mean absolute error "
+                 "within 1.5 x the best of the sweep, and under 0.1 % of the voxels outside the template's dilated "
+                 "brain mask brighter than 0.1 (no blobs)")
+
+
+def good_guidance(curve: list[dict]) -> list[float]:
+    """The scales of a guidance sweep's ``curve`` that meet :data:`GUIDANCE_RULE`."""
+    best = {n: min(p[n]["mae"] for p in curve) for n in ("ventricular_volume", "brain_volume")}
+    return [p["guidance"] for p in curve
+            if p["ventricular_volume"]["r"] >= 0.95 and p["brain_volume"]["r"] >= 0.90 and p["unmeasurable"] == 0
+            and p["bright_outside_brain"] < 1e-3 and all(p[n]["mae"] <= 1.5 * best[n] for n in best)]
 
 
 def guidance_sweep(bundle_path: str | Path, data: str | Path, values=(0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0),
@@ -340,10 +349,10 @@ def guidance_sweep(bundle_path: str | Path, data: str | Path, values=(0.0, 1.0, 
         done += n_diversity
         stack = torch.from_numpy(np.stack([x.volume.data for x in same]))[:, None]
         point["ms_ssim_same_condition"] = ms_ssim_pairs(stack)
-        point["good"] = bool(point["ventricular_volume"]["r"] >= 0.95 and point["brain_volume"]["r"] >= 0.90
-                             and point["bright_outside_brain"] < 1e-3 and point["unmeasurable"] == 0)
         curve.append(point)
-    good = [p["guidance"] for p in curve if p["good"]]
+    good = good_guidance(curve)
+    for point in curve:
+        point["good"] = point["guidance"] in good
     result = {"curve": curve, "steps": steps or gen.config.default_steps, "conditions": len(idx),
               "good_range": [min(good), max(good)] if good else None, "rule": GUIDANCE_RULE}
     if good:

@@ -7,9 +7,10 @@ synthetic cohort is only shareable once each sample has been compared with the t
 
 - *image*: Pearson correlation, inside the template's (dilated) brain mask, of each volume's
   deviation from the training mean (what every brain shares does not count), maximised over
-  shifts of up to ``max_shift`` voxels along each axis (a copy moved by a voxel or two is still a
-  copy). All pairs are scored unshifted in one matrix product; the ``shortlist`` best training
-  subjects of each sample are then searched over the (2 max_shift + 1)^3 shifts.
+  shifts of up to ``max_shift`` voxels along each axis and turns of ``rotation`` degrees about
+  each axis (a copy moved by a voxel or two, or turned a little, is still a copy). All pairs are
+  scored at a coarse scale (smoothed, half resolution, 27 shifts) in matrix products; the
+  ``shortlist`` best training subjects of each sample are then searched at full resolution.
 - *embedding*: cosine similarity of the bundle's encoder features (the continuous VQ-VAE latent),
   centred on the training mean, so that what the brains share does not count.
 
@@ -48,6 +49,7 @@ class AuditSettings:
     jobs: int = 2                 # threads for the shift search
     smooth: float = 1.0           # Gaussian sigma (voxels) applied before comparing: noise and resampling
                                   # blur do not hide a copy; anatomy, which is smooth, still tells subjects apart
+    rotation: float = 2.0         # degrees: the query is also compared turned by +-rotation about each axis
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_shift <= 5:
@@ -60,6 +62,8 @@ class AuditSettings:
             raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if not 0.0 <= self.smooth <= 3.0:
             raise ConfigError(f"smooth must be 0..3 voxels, got {self.smooth}")
+        if not 0.0 <= self.rotation <= 10.0:
+            raise ConfigError(f"rotation must be 0..10 degrees, got {self.rotation}")
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,12 @@ class Match:
     shift: tuple[int, int, int]     # voxels (x, y, z) applied to the training volume
     embedding_label: str
     cosine: float
+    turned: str = "none"            # the orientation of the sample that matched best
 
     def to_dict(self) -> dict:
         return {"nearest_by_image": self.image_label, "correlation": round(self.correlation, 6),
-                "shift_voxels": list(self.shift), "nearest_by_embedding": self.embedding_label,
-                "cosine": round(self.cosine, 6)}
+                "shift_voxels": list(self.shift), "turned": self.turned,
+                "nearest_by_embedding": self.embedding_label, "cosine": round(self.cosine, 6)}
 
 
 def _standardise(v: np.ndarray) -> np.ndarray:
@@ -93,21 +98,37 @@ class ReferenceSet:
     compared as ``a[p + d] - m[p]`` for ``p`` in ``M`` against those deviations: an exact copy of a
     training volume moved by ``d`` scores r = 1, while what every brain shares (the mean anatomy)
     does not count. Embedding measure: centred, unit-norm encoder features.
+
+    The candidates searched over shifts are shortlisted at a coarse scale (smoothed, half the
+    resolution, shifts of -1..1 coarse voxel), where a moved or slightly turned copy still lines up.
     """
+
+    COARSE_SIGMA = 2.0   # voxels of the full grid
 
     def __init__(self, labels: Sequence[str], mask: np.ndarray, pad: int, smooth: float = 1.0) -> None:
         self.labels = list(labels)
         self.pad, self.smooth = pad, smooth
         self.shape = tuple(s + 2 * pad for s in mask.shape)
         self.index = np.flatnonzero(np.pad(mask, pad))          # mask voxels, flat, in the padded grid
+        small = mask[::2, ::2, ::2]
+        self.coarse_shape = tuple(s + 2 for s in small.shape)
+        self.coarse_index = np.flatnonzero(np.pad(small, 1))
 
-    def _fit(self, flat: np.ndarray, embeddings: np.ndarray) -> ReferenceSet:
-        """From the training subjects' masked intensities (N, |M|) and embeddings (N, E); ``flat``
-        is overwritten (the deviations take its place: one copy of the training set in memory)."""
+    def _coarse(self, volume: np.ndarray) -> np.ndarray:
+        from scipy.ndimage import gaussian_filter
+
+        v = gaussian_filter(np.asarray(volume, np.float32), self.COARSE_SIGMA)[::2, ::2, ::2]
+        return np.pad(v, 1).reshape(-1)
+
+    def _fit(self, flat: np.ndarray, coarse: np.ndarray, embeddings: np.ndarray) -> ReferenceSet:
+        """From the training subjects' masked intensities (N, |M|), their coarse copies and
+        embeddings (N, E); the arrays are overwritten by the deviations (one copy in memory)."""
         self.mean = flat.mean(axis=0)
+        self.coarse_mean = coarse.mean(axis=0)
         for i in range(len(flat)):
             flat[i] = _standardise(flat[i] - self.mean)
-        self.deviations = flat                                                      # (N, |M|)
+            coarse[i] = _standardise(coarse[i] - self.coarse_mean)
+        self.deviations, self.coarse_deviations = flat, coarse                       # (N, |M|), (N, |Mc|)
         self.mean_embedding = embeddings.mean(axis=0)
         self.embeddings = _unit(embeddings - self.mean_embedding)                 # (N, E)
         return self
@@ -126,40 +147,63 @@ class ReferenceSet:
         """Read, smooth, mask and embed each training volume once (memory: N x |M| floats)."""
         ref = cls(labels, mask, settings.max_shift, settings.smooth)
         flat = np.empty((len(labels), len(ref.index)), np.float32)
+        coarse = np.empty((len(labels), len(ref.coarse_index)), np.float32)
         embs = []
         for i in range(len(labels)):
             v = get_volume(i)
             flat[i] = ref._padded(v)[ref.index]
+            coarse[i] = ref._coarse(v)[ref.coarse_index]
             embs.append(embed(autoencoder, v, device))
             if on_step:
                 on_step(i + 1, len(labels), {"stage": "training set"})
-        return ref._fit(flat, np.stack(embs))
+        return ref._fit(flat, coarse, np.stack(embs))
 
-    def _offset(self, d: Sequence[int]) -> int:
-        return int(np.ravel_multi_index(tuple(self.pad + k for k in d), self.shape)
-                   - np.ravel_multi_index((self.pad,) * 3, self.shape))
+    @staticmethod
+    def _offset(d: Sequence[int], shape: Sequence[int], pad: int) -> int:
+        return int(np.ravel_multi_index(tuple(pad + k for k in d), shape) - np.ravel_multi_index((pad,) * 3, shape))
+
+    def shortlist(self, volume: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` training subjects closest at the coarse scale, best over coarse shifts of -1..1."""
+        c = self._coarse(volume)
+        best = np.full(len(self.labels), -2.0, np.float32)
+        for d in itertools.product((-1, 0, 1), repeat=3):
+            q = _standardise(c[self.coarse_index + self._offset(d, self.coarse_shape, 1)] - self.coarse_mean)
+            np.maximum(best, self.coarse_deviations @ q, out=best)
+        return np.argsort(-best)[:k]
 
     def query(self, volume: np.ndarray, autoencoder, settings: AuditSettings, device: str = "cpu") -> Match:
         if settings.max_shift > self.pad or settings.smooth != self.smooth:
             raise ConfigError("this reference set was built with other audit settings")
-        a = self._padded(volume)
-
-        def deviation(d) -> np.ndarray:
-            return _standardise(a[self.index + self._offset(d)] - self.mean)
-
-        r0 = self.deviations @ deviation((0, 0, 0))        # unshifted, against every training subject
-        short = np.argsort(-r0)[: settings.shortlist]
-        best = (-2.0, int(short[0]), (0, 0, 0))
+        short = self.shortlist(volume, settings.shortlist)
+        best = (-2.0, int(short[0]), (0, 0, 0), "none")
         k = settings.max_shift
-        for d in itertools.product(range(-k, k + 1), repeat=3):
-            r = self.deviations[short] @ deviation(d)
-            j = int(np.argmax(r))
-            if r[j] > best[0]:
-                best = (float(r[j]), int(short[j]), d)
+        for how, turned in _orientations(np.asarray(volume, np.float32), settings.rotation):
+            a = self._padded(turned)
+            for d in itertools.product(range(-k, k + 1), repeat=3):
+                q = _standardise(a[self.index + self._offset(d, self.shape, self.pad)] - self.mean)
+                r = self.deviations[short] @ q
+                j = int(np.argmax(r))
+                if r[j] > best[0]:
+                    best = (float(r[j]), int(short[j]), d, how)
         e = _unit(embed(autoencoder, volume, device) - self.mean_embedding)
         cos = self.embeddings @ e
         j = int(np.argmax(cos))
-        return Match(self.labels[best[1]], best[0], tuple(int(x) for x in best[2]), self.labels[j], float(cos[j]))
+        return Match(self.labels[best[1]], best[0], tuple(int(x) for x in best[2]), self.labels[j], float(cos[j]),
+                     best[3])
+
+
+def _orientations(volume: np.ndarray, degrees: float):
+    """(name, volume): the volume, then turned by -degrees and +degrees in each voxel-axis plane
+    (about z, y and x; linear interpolation)."""
+    from scipy.ndimage import rotate
+
+    yield "none", volume
+    if degrees <= 0:
+        return
+    for axes, about in (((0, 1), "z"), ((0, 2), "y"), ((1, 2), "x")):
+        for sign in (-1.0, 1.0):
+            yield (f"{sign * degrees:+g} deg about {about}",
+                   rotate(volume, sign * degrees, axes=axes, reshape=False, order=1, mode="constant"))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
