@@ -158,6 +158,9 @@ class ReferenceSet:
                 on_step(i + 1, len(labels), {"stage": "training set"})
         return ref._fit(flat, coarse, np.stack(embs))
 
+    def _refine(self, volume: np.ndarray, best: tuple) -> tuple:
+        return _subvoxel_refine(self, volume, best)
+
     @staticmethod
     def _offset(d: Sequence[int], shape: Sequence[int], pad: int) -> int:
         return int(np.ravel_multi_index(tuple(pad + k for k in d), shape) - np.ravel_multi_index((pad,) * 3, shape))
@@ -177,7 +180,9 @@ class ReferenceSet:
         short = self.shortlist(volume, settings.shortlist)
         best = (-2.0, int(short[0]), (0, 0, 0), "none")
         k = settings.max_shift
+        oriented = {}
         for how, turned in _orientations(np.asarray(volume, np.float32), settings.rotation):
+            oriented[how] = turned
             a = self._padded(turned)
             for d in itertools.product(range(-k, k + 1), repeat=3):
                 q = _standardise(a[self.index + self._offset(d, self.shape, self.pad)] - self.mean)
@@ -185,11 +190,30 @@ class ReferenceSet:
                 j = int(np.argmax(r))
                 if r[j] > best[0]:
                     best = (float(r[j]), int(short[j]), d, how)
+        best = self._refine(oriented[best[3]], best)
         e = _unit(embed(autoencoder, volume, device) - self.mean_embedding)
         cos = self.embeddings @ e
         j = int(np.argmax(cos))
         return Match(self.labels[best[1]], best[0], tuple(int(x) for x in best[2]), self.labels[j], float(cos[j]),
                      best[3])
+
+
+def _subvoxel_refine(ref: ReferenceSet, volume: np.ndarray, best: tuple) -> tuple:
+    """The best match, refined by half-voxel moves (-0.5, 0, +0.5 along each axis, linear
+    interpolation) around its integer shift: a copy moved by a fraction of a voxel lines up too."""
+    from scipy.ndimage import shift as move
+
+    r_best, i, d, how = best
+    dev = ref.deviations[i]
+    base = ref._offset(d, ref.shape, ref.pad)
+    for f in itertools.product((-0.5, 0.0, 0.5), repeat=3):
+        if f == (0.0, 0.0, 0.0):
+            continue
+        a = ref._padded(move(volume, f, order=1, mode="constant"))
+        r = float(dev @ _standardise(a[ref.index + base] - ref.mean))
+        if r > r_best:
+            r_best = r
+    return r_best, i, d, how
 
 
 def _orientations(volume: np.ndarray, degrees: float):
