@@ -10,7 +10,8 @@ synthetic cohort is only shareable once each sample has been compared with the t
   shifts of up to ``max_shift`` voxels along each axis and turns of ``rotation`` degrees about
   each axis (a copy moved by a voxel or two, or turned a little, is still a copy). All pairs are
   scored at a coarse scale (smoothed, half resolution, 27 shifts) in matrix products; the
-  ``shortlist`` best training subjects of each sample are then searched at full resolution.
+  ``shortlist`` best training subjects of each sample are then searched at full resolution, and
+  the best match refined by half-voxel moves.
 - *embedding*: cosine similarity of the bundle's encoder features (the continuous VQ-VAE latent),
   centred on the training mean, so that what the brains share does not count.
 
