@@ -141,6 +141,7 @@ def test_precision_is_resolved_checked_and_recorded(gen, tiny_bundle):
 
 
 
+@pytest.mark.slow
 def test_guidance_outside_the_measured_range_is_warned_about(tiny_bundle, tmp_path):
     """`evaluate guidance` measures each scale and writes the curve; outside the good range in
     config.json, `synthbrain sample` warns (and still samples)."""
