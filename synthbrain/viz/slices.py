@@ -146,11 +146,11 @@ def rows_png(rows: Sequence[tuple[str, Volume]], *, point_mm: Sequence[float] | 
         fig.suptitle(title, color="white", fontsize=12, y=1 - 0.12 / fig_h)
     if footer:
         fig.text(0.5, 0.05 / fig_h, footer, ha="center", va="bottom", color="#bbbbbb", fontsize=8)
-    fig.subplots_adjust(left=0.005, right=0.93 if difference is not None else 0.995, top=1 - top_in / fig_h,
+    fig.subplots_adjust(left=0.005, right=0.91 if difference is not None else 0.995, top=1 - top_in / fig_h,
                         bottom=bottom_in / fig_h, wspace=0.02, hspace=0.04)
     if difference is not None:
         pos = axes[-1, 2].get_position()
-        bar = fig.colorbar(diff_image, cax=fig.add_axes((0.94, pos.y0 + 0.1 * pos.height, 0.012, 0.8 * pos.height)))
+        bar = fig.colorbar(diff_image, cax=fig.add_axes((0.925, pos.y0 + 0.1 * pos.height, 0.012, 0.8 * pos.height)))
         bar.ax.tick_params(colors="white", labelsize=8)
         bar.set_label("intensity (0..1)", color="white", fontsize=8)
     buf = io.BytesIO()
