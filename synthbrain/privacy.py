@@ -78,10 +78,15 @@ class Match:
     cosine: float
     turned: str = "none"            # the orientation of the sample that matched best
 
-    def to_dict(self) -> dict:
-        return {"nearest_by_image": self.image_label, "correlation": round(self.correlation, 6),
-                "shift_voxels": list(self.shift), "turned": self.turned,
-                "nearest_by_embedding": self.embedding_label, "cosine": round(self.cosine, 6)}
+    def to_dict(self, public: bool = False) -> dict:
+        """The match as JSON; ``public`` leaves out which training subjects matched (for a release,
+        which must not carry training subjects' identifiers)."""
+        d = {"nearest_by_image": self.image_label, "correlation": round(self.correlation, 6),
+             "shift_voxels": list(self.shift), "turned": self.turned,
+             "nearest_by_embedding": self.embedding_label, "cosine": round(self.cosine, 6)}
+        if public:
+            del d["nearest_by_image"], d["nearest_by_embedding"]
+        return d
 
 
 def _standardise(v: np.ndarray) -> np.ndarray:
@@ -427,8 +432,9 @@ def _html(d: dict, pictures: Sequence[tuple[dict, str, bytes]]) -> str:
                                include_plotlyjs="inline" if i == 0 else False)
                    for i, m in enumerate(("correlation", "cosine")))
     rows = "".join(
-        f"<tr><td>{html.escape(r['id'])}</td><td>{r['correlation']:.4f}</td><td>{html.escape(r['nearest_by_image'])}"
-        f"</td><td>{r['cosine']:.4f}</td><td>{html.escape(r['nearest_by_embedding'])}</td>"
+        f"<tr><td>{html.escape(r['id'])}</td><td>{r['correlation']:.4f}</td>"
+        f"<td>{html.escape(r.get('nearest_by_image', '(not named in a release)'))}</td><td>{r['cosine']:.4f}</td>"
+        f"<td>{html.escape(r.get('nearest_by_embedding', '(not named in a release)'))}</td>"
         f"<td>{'<b>flagged</b> (' + ', '.join(r['reasons']) + ')' if r['flagged'] else 'no'}</td></tr>"
         for r in d["per_sample"])
     imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(png).decode()}' width='900'>"
@@ -637,7 +643,9 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     plan = {"bundle": bundle.name, "weights": {c: bundle.config.get(c, {}).get("sha256") for c in ("autoencoder",
                                                                                                   "prior")},
             "n": n, "conditions": conditions, "seed": seed, "steps": steps, "guidance": guidance,
-            "train": sorted(train.labels), "holdout": sorted(held.labels), "settings": asdict(settings),
+            # digests, not the lists: a release carries no training subject's identifier
+            "train": _digest(train.labels), "holdout": _digest(held.labels), "train_subjects": len(train),
+            "holdout_subjects": len(held), "settings": asdict(settings),
             "precision": precision}
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     mark = out / RELEASE_MARK
@@ -667,16 +675,17 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
                 s = gen.sample(cond, n=1, seed=seed + i + k * n, steps=steps, guidance=guidance)[0]
                 m = auditor.reference.query(s.volume.data, auditor.ae, settings, device)
                 flagged = bool(auditor.is_flagged(m))
-                attempts.append({"seed": s.seed, **m.to_dict(), "flagged": flagged})
+                attempts.append({"seed": s.seed, **m.to_dict(public=True), "flagged": flagged})
                 if not flagged:
                     break
             rec = {"subject": f"sub-{sub}", "conditions": cond, "attempts": attempts, "kept": not flagged}
             if not flagged:
                 vols, entry = measure_sample(s)
                 writer.add(f"sub-{sub}/anat", sample_entities(bundle, sub), s.volume,
-                           sample_sidecar(s, bundle, {"Measured": entry, "Audit": m.to_dict() | {
+                           sample_sidecar(s, bundle, {"Measured": entry, "Audit": m.to_dict(public=True) | {
                                "thresholds": thr, "flagged": False}}))
-                rec.update(seed=s.seed, steps=s.steps, guidance=s.guidance, measured=vols, match=m.to_dict())
+                rec.update(seed=s.seed, steps=s.steps, guidance=s.guidance, measured=vols,
+                           match=m.to_dict(public=True))
             atomic_write(record, json.dumps(rec, indent=2, default=float) + "\n")  # last: the subject is done
         if on_step:
             on_step(i + 1, n, {"stage": "sample + audit"})
@@ -710,9 +719,9 @@ def _finish_release(out, bundle, n, auditor: Auditor, writer, plan) -> dict:
         audit_attempts={"Description": "samples drawn for this subject (1 = the first passed the audit)"})
     writer.table("participants.tsv", rows, cols, units)
     report = AuditReport(samples=[{"id": r["subject"], **r["match"], "flagged": False, "reasons": []} for r in kept],
-                         holdout=[{"label": lab, **m.to_dict()} for lab, m in zip(auditor.holdout_labels,
-                                                                                   auditor.holdout)],
-                         thresholds=thr, settings=auditor.settings, train_subjects=len(plan["train"]),
+                         holdout=[{"label": f"held-out-{k + 1}", **m.to_dict(public=True)}
+                                  for k, m in enumerate(auditor.holdout)],
+                         thresholds=thr, settings=auditor.settings, train_subjects=plan["train_subjects"],
                          bundle=bundle.name)
     summary = {"requested": n, "released": len(kept), "replaced_flagged_samples": replaced, "dropped": dropped,
                "thresholds": thr}
@@ -723,6 +732,12 @@ def _finish_release(out, bundle, n, auditor: Auditor, writer, plan) -> dict:
     writer.text("README.md", _release_readme(bundle, summary, plan))
     writer.close()
     return summary
+
+
+def _digest(labels: Sequence[str]) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256("\n".join(sorted(labels)).encode()).hexdigest()[:16]
 
 
 def _release_readme(bundle, summary: dict, plan: dict) -> str:
@@ -736,10 +751,10 @@ model `{bundle.name}` (synthbrain {__version__}), with the requested conditions,
 volumes measured on each sample in `participants.tsv`. Every volume is *synthetic*: sampled from noise,
 not a scan of any person. NIfTI headers are fresh (no names, dates or header text from anywhere).
 
-**How it was checked.** Each sample was compared with all {len(plan['train'])} training subjects of the model:
+**How it was checked.** Each sample was compared with all {plan['train_subjects']} training subjects of the model:
 by image (Pearson r of its deviation from the training mean inside the brain mask, best over shifts of up to
 {plan['settings']['max_shift']} voxels) and by the model's encoder embedding (cosine). A sample closer to a
-training subject than any of {len(plan['holdout'])} held-out real subjects was (r > {thr['correlation']:.4f}
+training subject than any of {plan['holdout_subjects']} held-out real subjects was (r > {thr['correlation']:.4f}
 or cosine > {thr['cosine']:.4f}) was flagged and replaced by a fresh sample: {summary['replaced_flagged_samples']}
 replaced, {len(summary['dropped'])} dropped after {MAX_ATTEMPTS} attempts. The report is in `audit/`.
 

@@ -161,6 +161,17 @@ def test_a_release_is_a_valid_bids_derivative_of_audited_synthetic_subjects(rele
     assert "is not" in (released / "README.md").read_text()
 
 
+def test_a_release_names_no_training_or_held_out_subject(released, tiny_cohort, audit_cohort):
+    """What is shared carries similarities, never which real subject a sample was compared with."""
+    labels = {p.name for root in (tiny_cohort.root, audit_cohort.root) for p in root.glob("sub-*")}
+    assert labels
+    for f in released.rglob("*"):
+        if f.is_file() and not f.name.endswith(".nii.gz"):
+            text = f.read_text()
+            found = [lab for lab in labels if lab in text]
+            assert not found, f"{f.relative_to(released)} names {found}"
+
+
 def test_a_release_refuses_a_folder_it_did_not_create(tiny_bundle, tiny_cohort, audit_cohort, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
