@@ -21,7 +21,8 @@ st.markdown(
     "Generative models can reproduce their training scans. Before synthetic brains are shared, each one is "
     "compared with every training subject: by image (correlation of its deviation from the average brain, inside "
     "the brain, allowing shifts of up to 2 voxels and small turns) and by the model's own encoder features. "
-    "A sample is **flagged** when it is closer to a training subject than any *held-out* real subject (one the model never saw) is. "
+    "A sample is **flagged** when it is closer to a training subject than any *held-out* real subject "
+    "(one the model never saw) is. "
     "The same audit runs from the command line (`synthbrain audit`) and before every `synthbrain release`.")
 
 gallery = st.session_state.get(results.GALLERY, [])
