@@ -413,7 +413,7 @@ def histogram_figure(d: dict, measure: str):
     fig.add_histogram(x=[r[key] for r in d["per_sample"]], name="synthetic samples -> training", opacity=0.6)
     fig.add_vline(x=d["thresholds"][measure], line_dash="dash", annotation_text="threshold")
     title = {"correlation": "Image: best Pearson r inside the brain mask (shifts up to "
-                            f"{d['settings']['max_shift']} voxels)",
+                            f"{d['settings']['max_shift']} voxels, turns of {d['settings'].get('rotation', 0):g}°)",
              "cosine": "Embedding: cosine similarity of centred encoder features"}[measure]
     fig.update_layout(barmode="overlay", title=title, xaxis_title=f"{measure} with the nearest training subject",
                       yaxis_title="count", height=360, margin=dict(l=40, r=20, t=50, b=40))
