@@ -10,13 +10,17 @@ with ``seed`` draws its noise from ``torch.Generator`` seeded with ``seed + i`` 
 depends on its own seed only: the same on any batch size, and the same for the same seed on the same
 machine. The networks run under autocast where the hardware has fast low precision (``precision``:
 bf16 on CUDA with bf16, fp16 on other CUDA, bf16 on CPUs with AMX tiles; fp32 otherwise).
+
+A :class:`Generator` is reentrant (the diffusers pattern): every call builds its own solver from the
+stored scheduler config, the networks stay in eval mode under ``torch.inference_mode``, and nothing
+else is written during a call, so threads may share one generator and each gets what it would get alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -84,9 +88,23 @@ def make_scheduler(config):
                                        solver_order=2, final_sigmas_type="zero")
 
 
+@dataclass(frozen=True, eq=False)
+class DenoisingStep:
+    """One point on the way from noise to a brain (see :meth:`Generator.denoising_steps`)."""
+
+    step: int                        # 0: the starting noise; k: after solver step k
+    steps: int                       # solver steps of the whole run
+    latent: np.ndarray               # (C, x, y, z) float32, the latent cropped to the autoencoder's grid
+    volume: Volume                   # that latent decoded: (X, Y, Z) float32 in [0, 1] on the bundle's grid
+
+    @property
+    def label(self) -> str:
+        return "noise" if self.step == 0 else f"step {self.step} of {self.steps}"
+
+
 class Generator:
-    """Samples brains from a bundle with a prior. Thread-compatible but not thread-safe: callers that
-    share one (the app) serialise calls with a lock."""
+    """Samples brains from a bundle with a prior. Reentrant: one generator may serve many threads at
+    once (each call has its own solver state; the networks are only read)."""
 
     def __init__(self, bundle, device: str | torch.device | None = None, precision: str = "auto") -> None:
         if bundle.prior is None:
@@ -99,7 +117,8 @@ class Generator:
         self.scale = bundle.scale_factor
         self.schema = bundle.schema
         self.precision = resolve_precision(self.device, precision)
-        self.scheduler = make_scheduler(self.config)
+        # the solver's config (immutable), not a solver: set_timesteps and every step write to a solver
+        self.scheduler_config = make_scheduler(self.config).config
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, device: str | None = None,
@@ -118,37 +137,84 @@ class Generator:
         shape = self.prior.padded_shape
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
+    def new_scheduler(self, steps: int, start_step: int = 0):
+        """A fresh DPM-Solver++ for one call, set to ``steps`` timesteps starting at ``start_step``. Each
+        call owns one: the solver keeps its multistep history and step index in itself."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        scheduler.set_begin_index(start_step)
+        return scheduler
+
     # The loop is MONAI's DiffusionInferer.sample loop (the same -1 fill for the unconditional half)
     # written out, because the app and the CLI need what it cannot give: a progress callback, per-sample
     # seeds, starting part-way for editing, intermediate latents, and a scheduler MONAI does not have.
+    def _solve(self, x: torch.Tensor, context: torch.Tensor, steps: int, guidance: float, start_step: int = 0,
+               scheduler=None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield (k, t, latent after solver step k) for each step from ``start_step`` on."""
+        scheduler = scheduler or self.new_scheduler(steps, start_step)
+        with torch.inference_mode():
+            x = x.to(self.device)
+            context = context.to(self.device)
+            null = torch.full_like(context, NULL_VALUE)
+            guided = guidance != 1.0
+            ctx = torch.cat([null, context]) if guided else context
+        for k, t in enumerate(scheduler.timesteps[start_step:]):
+            with torch.inference_mode():  # per step: the mode must not leak to the caller between yields
+                inp = torch.cat([x, x]) if guided else x
+                tt = torch.full((inp.shape[0],), int(t), device=self.device, dtype=torch.long)
+                with autocast(self.device, self.precision):
+                    out = self.prior(inp, tt, ctx).float()
+                if guided:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + guidance * (cond - uncond)
+                x = scheduler.step(out, t, x).prev_sample
+            yield k, int(t), x
+
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, context: torch.Tensor, steps: int, guidance: float,
                 on_step: OnStep | None = None, offset: int = 0, total: int | None = None,
-                start_step: int = 0, intermediates: list | None = None) -> torch.Tensor:
+                start_step: int = 0, intermediates: list | None = None, scheduler=None) -> torch.Tensor:
         """Solve from noise ``x`` (B, C, X, Y, Z) under ``context`` (B, 1, W) in ``steps`` steps;
-        ``start_step`` > 0 skips the first steps (for editing a partly noised latent, see :meth:`edit`)."""
-        self.scheduler.set_timesteps(steps)
-        self.scheduler.set_begin_index(start_step)
-        timesteps = self.scheduler.timesteps[start_step:]
-        x = x.to(self.device)
-        context = context.to(self.device)
-        null = torch.full_like(context, NULL_VALUE)
-        guided = guidance != 1.0
-        ctx = torch.cat([null, context]) if guided else context
-        for k, t in enumerate(timesteps):
-            inp = torch.cat([x, x]) if guided else x
-            tt = torch.full((inp.shape[0],), int(t), device=self.device, dtype=torch.long)
-            with autocast(self.device, self.precision):
-                out = self.prior(inp, tt, ctx).float()
-            if guided:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance * (cond - uncond)
-            x = self.scheduler.step(out, t, x).prev_sample
+        ``start_step`` > 0 skips the first steps (for editing a partly noised latent, see :meth:`edit`).
+        ``scheduler``: a solver from :meth:`new_scheduler` already used for this call (else a fresh one)."""
+        n = total or steps - start_step
+        for k, t, latent in self._solve(x, context, steps, guidance, start_step, scheduler):
+            x = latent
             if intermediates is not None:
                 intermediates.append(x.detach().cpu())
             if on_step is not None:
-                on_step(offset + k + 1, total or len(timesteps), {"t": int(t)})
+                on_step(offset + k + 1, n, {"t": t})
         return x
+
+    def denoising_steps(self, conditions: Mapping[str, Any] | None = None, seed: int = 0, steps: int | None = None,
+                        guidance: float | None = None, shown: Sequence[int] | None = None
+                        ) -> Iterator[DenoisingStep]:
+        """Watch one sample being made: yield the starting noise (step 0) and the latent after each
+        solver step (or only the steps in ``shown``, 1-based), each decoded by the autoencoder. Step
+        ``steps``' volume is what :meth:`sample` returns for the same arguments. Decoding costs about
+        as much as a solver step, so ask for a few steps where time matters. Bad arguments raise here,
+        before the first step is asked for."""
+        steps, guidance = self._steps_and_guidance(steps, guidance)
+        wanted = set(range(1, steps + 1) if shown is None else (int(k) for k in shown))
+        if bad := sorted(k for k in wanted if not 1 <= k <= steps):
+            raise ConfigError(f"shown steps must be in 1..{steps}, got {bad}")
+        context, _ = self.context([conditions or {}])
+        return self._denoising_steps(context, seed, steps, guidance, wanted)
+
+    def _denoising_steps(self, context: torch.Tensor, seed: int, steps: int, guidance: float,
+                         wanted: set[int]) -> Iterator[DenoisingStep]:
+        noise = self.noise([seed])
+        yield self._decoded(0, steps, noise)
+        for k, _, x in self._solve(noise, context, steps, guidance):
+            if k + 1 in wanted:
+                yield self._decoded(k + 1, steps, x)
+
+    def _decoded(self, step: int, steps: int, latent: torch.Tensor) -> DenoisingStep:
+        vol = self.decode(latent)[0, 0].cpu().numpy()
+        crop = self.prior.crop(latent)[0].float().cpu().numpy()
+        return DenoisingStep(step, steps, crop, Volume(vol, self.grid.affine, source=f"denoising-step-{step}"))
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -226,13 +292,12 @@ class Generator:
             raise ConfigError(f"strength must be in (0, 1], got {strength}")
         steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context([conditions])
-        self.scheduler.set_timesteps(steps)
         start = min(steps - 1, int(round(steps * (1.0 - strength))))
-        self.scheduler.set_begin_index(start)
+        scheduler = self.new_scheduler(steps, start)
         z0 = self.encode(volume)
         noise = self.noise([seed]).to(self.device)
-        x = self.scheduler.add_noise(z0, noise, self.scheduler.timesteps[start:start + 1])
-        x = self.denoise(x, context, steps, guidance, on_step, start_step=start)
+        x = scheduler.add_noise(z0, noise, scheduler.timesteps[start:start + 1])
+        x = self.denoise(x, context, steps, guidance, on_step, start_step=start, scheduler=scheduler)
         vol = self.decode(x).cpu().numpy()[0, 0]
         from synthbrain.export import source_digest
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -118,6 +120,54 @@ def test_the_solver_runs_on_the_noise_schedule_the_prior_was_trained_with(gen):
     solver.set_timesteps(5)
     assert len(solver.timesteps) == 5 and int(solver.timesteps[0]) > int(solver.timesteps[-1])
 
+
+
+def _all_at_once(jobs):
+    """Run each job in its own thread, all released together; their results in order (errors re-raised)."""
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job):
+        barrier.wait()
+        return job()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return [f.result() for f in [pool.submit(run, job) for job in jobs]]
+
+
+def test_threads_sharing_one_generator_get_the_serial_results(gen):
+    """Different steps, seeds, guidance and an edit at once through ONE generator: each thread gets
+    bit for bit what it gets alone (a shared solver mixed their timesteps and multistep history)."""
+    scan = gen.sample({"age": 60}, seed=9, steps=2)[0].volume.data
+    jobs = [lambda: gen.sample({"age": 55}, n=2, seed=1, steps=2),
+            lambda: gen.sample({"age": 80, "sex": "M"}, seed=2, steps=5, guidance=3.0),
+            lambda: gen.sample(None, seed=3, steps=3, guidance=1.0),  # unguided: a half-size batch
+            lambda: [gen.edit(scan, {"age": 85}, strength=0.6, seed=4, steps=4)]]
+    serial = [[s.volume.data for s in job()] for job in jobs]
+    for _ in range(2):
+        together = _all_at_once(jobs)
+        for alone, got in zip(serial, together):
+            assert len(got) == len(alone)
+            for a, b in zip(alone, got):
+                assert np.array_equal(a, b.volume.data)
+    assert not gen.prior.training and not gen.autoencoder.training
+
+
+def test_denoising_steps_end_at_the_sample(gen):
+    """The Learn page's strip: the noise, then the chosen steps decoded; the last one is the brain
+    that sample() gives for the same seed, steps and guidance."""
+    from synthbrain.errors import ConfigError
+
+    seen = list(gen.denoising_steps({"age": 70}, seed=6, steps=4, guidance=2.0, shown=[1, 3, 4]))
+    assert [d.step for d in seen] == [0, 1, 3, 4]
+    assert [d.label for d in seen][:2] == ["noise", "step 1 of 4"]
+    assert seen[0].latent.shape == tuple(gen.prior.latent_shape)
+    assert all(d.volume.shape == gen.grid.shape for d in seen)
+    sample = gen.sample({"age": 70}, seed=6, steps=4, guidance=2.0)[0]
+    assert np.array_equal(seen[-1].volume.data, sample.volume.data)
+    assert not np.array_equal(seen[1].volume.data, seen[-1].volume.data)
+    assert len(list(gen.denoising_steps(None, seed=6, steps=2))) == 3  # noise + every step
+    with pytest.raises(ConfigError, match="shown steps must be in 1..4"):
+        gen.denoising_steps(None, steps=4, shown=[0, 5])  # at the call, not at the first step
 
 def test_precision_is_resolved_checked_and_recorded(gen, tiny_bundle):
     import torch
