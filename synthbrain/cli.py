@@ -34,6 +34,19 @@ def _options(trust_unverified: bool = typer.Option(
 
 
 GridOpt = typer.Option("demo", "--grid", help="demo (80x112x80 at 2 mm) or full (160x224x160 at 1 mm)")
+DEVICE_HELP = "auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N"
+
+
+def _pick_device(value: str) -> str:
+    """--device resolved once for the library (which takes a device name): auto becomes cpu or cuda:0."""
+    from synthbrain.training.loop import pick_device
+
+    return str(pick_device(value))
+
+
+# the same default everywhere; training resolves it itself (under torchrun each rank takes its own GPU)
+DeviceOpt = typer.Option("auto", "--device", callback=_pick_device, help=DEVICE_HELP)
+TrainDeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP)
 
 
 def _err(message: str) -> None:
@@ -148,7 +161,7 @@ def train_autoencoder_cmd(
     steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     config: Path | None = typer.Option(None, "--config", help="JSON with train / model / loss sections"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
@@ -175,7 +188,7 @@ def train_prior_cmd(
     steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     config: Path | None = typer.Option(None, "--config", help="JSON with train / model sections"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
@@ -196,7 +209,7 @@ def reconstruct(
     path: Path = typer.Argument(..., help="T1 NIfTI in MNI space (brain-extracted)"),
     bundle: Path | None = BundleOpt,
     out: Path = typer.Option(..., "--out", help="reconstruction .nii.gz"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
 ) -> None:
     """Preprocess, encode, quantise and decode a scan; prints PSNR and SSIM against the preprocessed input.
     The reconstruction is *derived* data (it carries the scanned person's anatomy): its header and
@@ -231,7 +244,7 @@ def sample(
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
     out: Path = typer.Option(..., "--out", help="folder for the BIDS-like synthetic dataset"),
-    device: str = typer.Option("auto", "--device", help="auto (GPU if there is one), cpu, cuda"),
+    device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     no_measure: bool = typer.Option(False, "--no-measure", help="skip measuring the samples' volumes"),
 ) -> None:
@@ -267,7 +280,7 @@ def sample(
 def evaluate_autoencoder_cmd(
     bundle: Path = typer.Option(..., "--bundle"),
     data: Path = typer.Option(..., "--data", help="BIDS dataset; the bundle's held-out subjects are used if present"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
 ) -> None:
     """PSNR and SSIM inside the brain (the headline), over the whole volume, MS-SSIM, MAE, codebook usage
     and the size budget; into the bundle's metrics.json, with a three-plane picture (reconstruction.png)."""
@@ -288,7 +301,7 @@ def evaluate_autoencoder_cmd(
 def evaluate_prior_cmd(
     bundle: Path = typer.Option(..., "--bundle"),
     data: Path = typer.Option(..., "--data", help="BIDS dataset whose conditions are requested"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
     n_conditions: int = typer.Option(32, "--n-conditions", min=3),
     n_ageing: int = typer.Option(20, "--n-ageing", min=1),
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
@@ -330,7 +343,7 @@ def audit(
     out: Path = typer.Option(..., "--out", help="report folder: report.json, report.html, pairs/*.png"),
     max_shift: int = AuditShiftOpt,
     jobs: int = typer.Option(2, "--jobs", min=1, help="threads for the search"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
 ) -> None:
     """Memorisation audit: each sample's nearest training subject (image and embedding), thresholds
     calibrated on held-out real subjects; flags samples closer to a training subject than any of them."""
@@ -367,7 +380,7 @@ def release(
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="guidance scale (default: the bundle's)"),
     max_shift: int = AuditShiftOpt,
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ) -> None:
     """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable)."""
@@ -390,7 +403,7 @@ def evaluate_guidance_cmd(
     values: str = typer.Option("0,1,1.5,2,3,5,7.5,10", "--values", help="guidance scales, comma-separated"),
     n_conditions: int = typer.Option(16, "--n-conditions", min=3),
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ) -> None:
     """Adherence, diversity and artefacts at each guidance scale; the good range goes to config.json
@@ -418,7 +431,7 @@ def evaluate_privacy_cmd(
     bundle: Path = typer.Option(..., "--bundle"),
     data: Path = typer.Option(..., "--data", help="the BIDS dataset the bundle was trained on"),
     n_samples: int = typer.Option(100, "--n-samples", min=1, help="fresh samples to audit"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = DeviceOpt,
 ) -> None:
     """Share of fresh samples flagged by the memorisation audit, and membership-inference AUC / TPR at
     1 % FPR (prior loss, autoencoder reconstruction error) -> metrics.json."""

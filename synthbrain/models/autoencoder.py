@@ -188,29 +188,40 @@ class Autoencoder(nn.Module):
         return {"codebook_usage": float((counts > 0).double().mean()), "perplexity": float(perplexity)}
 
     @torch.no_grad()
-    def restart_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    def restart_dead_codes(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace codes whose EMA usage fell below the threshold by random encoder outputs of ``z``.
 
-        Returns how many were restarted. Under DDP, rank 0's codebook is broadcast afterwards.
+        Returns how many were restarted (a 0-dim tensor on the codebook's device). The indices are drawn
+        on the generator's device and then moved to ``z``'s (a CPU generator cannot draw on a GPU), one per
+        code, and the update is a masked select: no host synchronisation, and it runs on any device
+        (``meta`` included). Under DDP, rank 0's codebook is broadcast afterwards.
         """
         q = self.quantizer
-        dead = q.ema_cluster_size < self.config.dead_code_threshold
-        n_dead = int(dead.sum())
-        if n_dead:
-            flat = z.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)
-            pick = torch.randint(flat.shape[0], (n_dead,), generator=generator, device=flat.device)
-            new = flat[pick]
-            q.embedding.weight.data[dead] = new
-            # a restarted code starts just above the threshold: kept where we put it by the EMA
-            # normalisation, and dead again after ~70 steps if no encoder output picks it
-            q.ema_cluster_size.data[dead] = 2.0 * self.config.dead_code_threshold
-            n = q.ema_cluster_size.sum()
-            weights = (q.ema_cluster_size + q.epsilon) / (n + q.num_embeddings * q.epsilon) * n
-            q.ema_w.data[dead] = new * weights[dead, None]
+        dead = q.ema_cluster_size < self.config.dead_code_threshold              # (K,)
+        flat = z.detach().float().movedim(1, -1).reshape(-1, q.embedding_dim)    # (B*x*y*z, D)
+        pick = random_indices(flat.shape[0], q.num_embeddings, generator).to(flat.device)
+        new = flat[pick].to(q.embedding.weight.dtype)                            # (K, D)
+        # a restarted code starts just above the threshold: kept where we put it by the EMA
+        # normalisation, and dead again after ~70 steps if no encoder output picks it
+        size = torch.where(dead, torch.full_like(q.ema_cluster_size, 2.0 * self.config.dead_code_threshold),
+                           q.ema_cluster_size)
+        n = size.sum()
+        weights = (size + q.epsilon) / (n + q.num_embeddings * q.epsilon) * n
+        q.embedding.weight.data.copy_(torch.where(dead[:, None], new, q.embedding.weight.data))
+        q.ema_w.data.copy_(torch.where(dead[:, None], new * weights[:, None], q.ema_w.data))
+        q.ema_cluster_size.data.copy_(size)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for t in (q.embedding.weight.data, q.ema_cluster_size.data, q.ema_w.data):
                 torch.distributed.broadcast(t, src=0)
-        return n_dead
+        return dead.sum()
+
+
+def random_indices(high: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` int64 indices in [0, high), drawn on the generator's device (CPU without one); the caller
+    moves them to its data. PyTorch refuses a CPU generator for a CUDA draw, so a draw never names
+    the data's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(high, (n,), generator=generator, device=device)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,8 @@ class Prior(nn.Module):
         """Replace each sample's condition vector by NULL_VALUE with probability ``p`` (for CFG)."""
         if p <= 0:
             return context
-        drop = torch.rand(context.shape[0], generator=generator, device="cpu").to(context.device) < p
+        where = generator.device if generator is not None else context.device  # a generator draws on its own device
+        drop = torch.rand(context.shape[0], generator=generator, device=where).to(context.device) < p
         return torch.where(drop[:, None, None], torch.full_like(context, NULL_VALUE), context)
 
 

@@ -198,8 +198,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
     except ConfigError as e:
         raise ConfigError(f"grid {grid}: {e}") from None
     with distributed(dev) as dist:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
+        if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
             torch.cuda.set_device(dev)
         torch.manual_seed(cfg.train.seed + dist.rank)
         schema = schema_for_dataset(data, extra_conditions)

@@ -73,25 +73,42 @@ def optimizer_from_flat(name: str, opt: torch.optim.Optimizer, tensors: dict[str
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
+def rng_state(device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: the torch CPU generator and, on a GPU, that one GPU's generator
+    (``torch`` and ``cuda`` tensors, uint8), numpy's and Python's (JSON)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
     np_state = np.random.get_state()
     meta = {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": _listify(random.getstate())}
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
+                  device: torch.device | None = None) -> bool:
+    """Restore the RNG states that rank ``rank`` saved (``rng/rank<r>/torch``, ``rng/rank<r>/cuda``).
+
+    A run resumed onto a different number of processes restores what exists: a rank the checkpoint has
+    no state for keeps its fresh seed (returns False). A CUDA state goes to this rank's own GPU only, so
+    a checkpoint from a machine with more GPUs loads on one with fewer. Checkpoints from before per-rank
+    states (``rng/torch`` and ``rng/cuda/<gpu>``) restore rank 0's state, as they always did."""
+    own = f"rng/rank{rank}/"
+    cuda_here = device is not None and device.type == "cuda"
+    if own + "torch" in tensors:
+        torch.set_rng_state(tensors[own + "torch"])
+        cuda = tensors.get(own + "cuda")
+    elif "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+        cuda = tensors.get(f"rng/cuda/{device.index or 0}") if cuda_here else None
+    else:
+        return False
+    if cuda is not None and cuda_here:
+        torch.cuda.set_rng_state(cuda, device)
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     random.setstate(_tuplify(meta["python"]))
+    return True
 
 
 def _listify(x):

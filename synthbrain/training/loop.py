@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,10 +144,34 @@ def distributed(device: torch.device) -> Iterator[DistContext]:
         torch.distributed.destroy_process_group()
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def pick_device(device: str | torch.device | None = None, dist: DistContext | None = None) -> torch.device:
+    """The device of this process for ``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...).
+
+    ``auto`` (or None) is a GPU when there is one, else the CPU. ``cuda`` / ``auto`` on a GPU mean
+    ``cuda:LOCAL_RANK``: each torchrun process its own GPU (``cuda:0`` alone). An explicit ``cuda:N`` is
+    honoured in a single process; under torchrun with several processes it is refused (they would all
+    share GPU N; ``CUDA_VISIBLE_DEVICES`` chooses the GPUs). ``dist`` defaults to torchrun's environment."""
+    dist = dist or DistContext.from_env()
+    name = str(device) if device is not None else "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if dev.index is None:
+        dev = torch.device("cuda", dist.local_rank)
+    elif dist.enabled:
+        raise ConfigError(f"--device {name} names one GPU, but torchrun started {dist.world_size} processes: each "
+                          "takes cuda:LOCAL_RANK; pass --device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
+    if dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -279,7 +303,7 @@ class Trainer:
         self.step = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_payload(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def _checkpoint_payload(self, rng: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {}
         state: dict[str, Any] = {"step": self.step, "sampler": self.sampler.state(),
                                  "scaler": self.scaler.state_dict(), "optimizers": {}, "config": self.config.to_dict()}
@@ -290,17 +314,32 @@ class Trainer:
             t, meta = ckpt.optimizer_to_flat(name, opt)
             tensors.update(t)
             state["optimizers"][name] = meta
-        t, meta = ckpt.rng_state()
-        tensors.update(t)
-        state["rng"] = meta
+        tensors.update(rng)
+        state["rng"] = ckpt.rng_state(self.device)[1]
+        state["world_size"] = self.dist.world_size
         t, meta = self.stage.extra_state()
         tensors.update({f"stage/{k}": v for k, v in t.items()})
         state["stage"] = meta
         return tensors, state
 
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every rank's torch RNG state (and its own GPU's), as ``rng/rank<r>/torch`` / ``rng/rank<r>/cuda``:
+        a collective under DDP (fixed-size uint8 tensors, gathered without pickling), so every rank calls it."""
+        mine = ckpt.rng_state(self.device)[0]
+        if not self.dist.enabled:
+            return {f"rng/rank0/{k}": v for k, v in mine.items()}
+        out = {}
+        for k, v in mine.items():  # the same keys in the same order on every rank
+            t = v.to(self.device)  # nccl gathers GPU tensors, gloo CPU ones
+            parts = [torch.empty_like(t) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(parts, t)
+            out.update({f"rng/rank{r}/{k}": part.cpu() for r, part in enumerate(parts)})
+        return out
+
     def save(self) -> None:
+        rng = self._rng_tensors()
         if self.dist.is_main:
-            tensors, state = self._checkpoint_payload()
+            tensors, state = self._checkpoint_payload(rng)
             ckpt.save_checkpoint(self.run_dir, self.step, tensors, state, keep=self.config.keep_checkpoints)
         self.dist.barrier()
 
@@ -316,7 +355,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: does not match this run's networks ({e})") from None
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(tensors, state["rng"])
+        ckpt.set_rng_state(tensors, state["rng"], self.dist.rank, self.device)
         self.stage.load_extra_state({k[len("stage/"):]: v for k, v in tensors.items() if k.startswith("stage/")},
                                     state["stage"])
         self.sampler.load(state["sampler"])
@@ -435,6 +474,3 @@ def load_config_file(path: Path | None) -> dict:
         raise ConfigError(f"{path}: must hold a JSON object")
     return d
 
-
-def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -68,8 +68,10 @@ class PriorStage:
     def _loss(self, latents: torch.Tensor, context: torch.Tensor, net, generator: torch.Generator,
               drop: float) -> torch.Tensor:
         x0 = self.prior.pad(latents.to(self.device) * self.scale)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), generator=generator).to(self.device)
+        # drawn on the generator's device (a CPU generator cannot draw on a GPU), then moved to the data
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(self.device)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), generator=generator,
+                          device=generator.device).to(self.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         ctx = Prior.drop_conditions(context.to(self.device)[:, None, :], drop, generator)
         pred = net(noisy, t, ctx).float()
@@ -151,8 +153,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
     check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls=PriorTraining)
     with distributed(dev) as dist:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
+        if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
             torch.cuda.set_device(dev)
         torch.manual_seed(cfg.train.seed + dist.rank)
         src = load_bundle(bundle, device=str(dev), components=("autoencoder",))
