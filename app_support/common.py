@@ -15,6 +15,7 @@ upload.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -136,7 +137,7 @@ def current_bundle():
     try:
         return load_bundle_cached(path, device())
     except SynthBrainError as e:
-        st.error(str(e))
+        show_error(e)
         st.stop()
 
 
@@ -229,6 +230,17 @@ def progress_callback(text: str) -> tuple[Any, Callable[[int, int, dict], None]]
     return bar, on_step
 
 
+# an absolute path: a slash not inside a word or a number ("mL/year", "2/3" stay)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/:;,'\"()\[\]]+/)*[^\s/:;,'\"()\[\]]+/?")
+
+
+def public_message(error: SynthBrainError | str) -> str:
+    """The message with every absolute path cut to its last part (the file or folder name): a
+    visitor learns which file is wrong, not how the server's disk is laid out."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", str(error))
+
+
 def show_error(error: SynthBrainError) -> None:
-    """A library error as the one-line message the library wrote, never a traceback."""
-    st.error(str(error), icon=":material/error:")
+    """A library error as the one-line message the library wrote (file names, no server paths),
+    never a traceback."""
+    st.error(public_message(error), icon=":material/error:")

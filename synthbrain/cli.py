@@ -74,6 +74,10 @@ def progress(description: str) -> Iterator:
         task = bar.add_task(description, total=None, info="")
 
         def on_step(i: int, n: int, info: dict | None = None) -> None:
+            info = dict(info or {})
+            if "warning" in info:  # a note from the library (a skipped checkpoint): kept, not transient
+                console.print(f"synthbrain: warning: {info.pop('warning')}", markup=False, highlight=False,
+                              soft_wrap=True)
             text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (info or {}).items())
             bar.update(task, completed=i, total=n, info=text)
 
@@ -117,6 +121,10 @@ def measure(
     out: Path | None = typer.Option(None, "--out", help="write the table as TSV here"),
 ) -> None:
     """Brain and ventricular volume (mL) of T1 volumes, from the image alone."""
+    from synthbrain.outputs import check_output_file
+
+    if out is not None:
+        check_output_file(out)
     from synthbrain.data.bids import tsv_text
     from synthbrain.io import atomic_write, read_volume
     from synthbrain.measure import measure_volume
@@ -165,6 +173,9 @@ def train_autoencoder_cmd(
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
+    from synthbrain.outputs import check_output_folder
+
+    check_output_folder(out)
     from synthbrain.training.autoencoder import train_autoencoder
 
     with progress("train autoencoder") as on_step:
@@ -192,6 +203,9 @@ def train_prior_cmd(
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
+    from synthbrain.outputs import check_output_folder
+
+    check_output_folder(out)
     from synthbrain.training.prior import train_prior
 
     with progress("train prior") as on_step:
@@ -214,6 +228,9 @@ def reconstruct(
     """Preprocess, encode, quantise and decode a scan; prints PSNR and SSIM against the preprocessed input.
     The reconstruction is *derived* data (it carries the scanned person's anatomy): its header and
     sidecar say so, and name the scan by a digest of its voxels only, never by file name."""
+    from synthbrain.outputs import check_output_file
+
+    check_output_file(out, suffixes=(".nii.gz", ".nii"))
     from synthbrain.bundle import load_bundle
     from synthbrain.export import DERIVED, kind, sidecar
     from synthbrain.io import read_volume, write_volume
@@ -251,6 +268,9 @@ def sample(
     """Sample synthetic brains for requested conditions. An unspecified volume takes the value typical of
     the requested age and sex in the model's training population; other unspecified conditions the
     schema's typical value."""
+    from synthbrain.outputs import check_output_folder
+
+    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.sampling import Generator, write_samples
     from synthbrain.training.loop import pick_device
@@ -347,6 +367,9 @@ def audit(
 ) -> None:
     """Memorisation audit: each sample's nearest training subject (image and embedding), thresholds
     calibrated on held-out real subjects; flags samples closer to a training subject than any of them."""
+    from synthbrain.outputs import check_output_folder
+
+    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings, holdout_split, read_samples, write_report
     from synthbrain.privacy import audit as run_audit
@@ -384,6 +407,9 @@ def release(
     precision: str = PrecisionOpt,
 ) -> None:
     """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable)."""
+    from synthbrain.outputs import check_output_folder
+
+    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings
     from synthbrain.privacy import release as run
@@ -451,9 +477,9 @@ def app_cmd(
     models: Path | None = typer.Option(None, "--models", help="folder of bundles to offer besides the demo bundle"),
     address: str = typer.Option("127.0.0.1", "--address", help="interface to listen on (0.0.0.0 for all)"),
 ) -> None:
-    """Start the Streamlit app (from a source checkout)."""
+    """Start the Streamlit app (from a source checkout). This process becomes the server (exec), so
+    a service manager's SIGTERM or Ctrl+C stops the server itself, with nothing left behind."""
     import os
-    import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
@@ -466,9 +492,12 @@ def app_cmd(
             raise SynthBrainError(f"{models}: --models must be a folder of bundles")
         env["SYNTHBRAIN_MODELS"] = str(models.resolve())
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-           "--server.address", address]
+           "--server.address", address, "--server.headless", "true"]
     typer.echo(f"SynthBrain app on http://{address}:{port}  (Ctrl+C to stop)")
-    raise typer.Exit(subprocess.call(cmd, cwd=root, env=env))
+    sys.stdout.flush()  # exec discards whatever is still buffered
+    sys.stderr.flush()
+    os.chdir(root)
+    os.execve(sys.executable, cmd, env)  # a child would be orphaned when this process is stopped
 
 
 def main() -> int:

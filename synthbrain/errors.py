@@ -24,3 +24,7 @@ class BundleError(SynthBrainError):
 
 class ConfigError(SynthBrainError, ValueError):
     """A configuration (training, model, sampling) with an invalid value."""
+
+
+class OutputPathError(SynthBrainError, ValueError):
+    """An output path that cannot be written (missing or read-only folder, a file where a folder goes)."""

@@ -52,6 +52,25 @@ def _cli_train(data, out, config, *extra):
             "--grid", "tiny", "--config", str(config), "--device", "cpu", *extra]
 
 
+# Trains like `synthbrain train autoencoder`, but holds for good at the step given as its 4th argument,
+# so that the run cannot finish before the test kills it; the kill lands wherever the run is then.
+HOLD_AT = """
+import sys, threading
+from synthbrain.training.autoencoder import train_autoencoder
+
+def on_step(i, n, info):
+    if i == int(sys.argv[4]):
+        threading.Event().wait()  # until SIGKILL
+
+train_autoencoder(sys.argv[1], sys.argv[2], grid="tiny", config_file=sys.argv[3], device="cpu", on_step=on_step)
+"""
+
+
+def _newest_step(run) -> int:
+    found = list_checkpoints(run)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
     """SIGKILL in the middle of training, then --resume: the final weights are bit-identical."""
@@ -64,19 +83,19 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
 
     subprocess.run(_cli_train(data, tmp_path / "full", config), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_cli_train(data, tmp_path / "killed", config), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list_checkpoints(tmp_path / "killed")
-        if found and int(found[-1].name.split("-")[1]) >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1])
-    assert 6 <= killed_at < 16
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AT, str(data), str(tmp_path / "killed"), str(config), "12"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # the condition: checkpoint 6 is complete (the run holds at step 12, so it is still running)
+        while _newest_step(tmp_path / "killed") < 6:
+            assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()[-2000:]}"
+            time.sleep(0.05)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)  # somewhere between checkpoint 6 and step 12, perhaps mid-write
+        proc.wait()
+    killed_at = _newest_step(tmp_path / "killed")
+    assert 6 <= killed_at <= 12
 
     # a resumed run needs --resume; without it the folder is refused
     refused = subprocess.run(_cli_train(data, tmp_path / "killed", config), env=env, capture_output=True, text=True)

@@ -1,29 +1,37 @@
 """Atomic, pickle-free training checkpoints.
 
 A checkpoint is a folder ``checkpoints/step-000123/`` holding ``tensors.safetensors`` (network
-weights, optimiser moments, RNG states) and ``state.json`` (step, optimiser hyper-parameters, grad
-scaler, numpy / Python RNG states, the loop's position in the data). It is written into a hidden
-temporary folder, fsynced and renamed into place, so a run killed at any moment leaves either the
-complete checkpoint or none; the newest ``keep`` checkpoints are kept.
+weights, optimiser moments, RNG states), ``state.json`` (step, optimiser hyper-parameters, grad
+scaler, numpy / Python RNG states, the loop's position in the data) and ``checksums.json`` (the
+sha256 of the other two). It is written into a hidden temporary folder, fsynced and renamed into
+place, so a run killed at any moment leaves either the complete checkpoint or none; the newest
+``keep`` checkpoints are kept. A checkpoint damaged later (a truncated copy, flipped bits, another
+file put in its place) fails its checksums when it is read, and the loop falls back to an older one.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from synthbrain.errors import SynthBrainError
 
 PREFIX = "step-"
+CHECKSUMS = "checksums.json"
+FILES = ("tensors.safetensors", "state.json")
 
 
 class CheckpointError(SynthBrainError):
@@ -119,16 +127,28 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    A failed write (a full disk, a folder that became read-only) raises :class:`CheckpointError`
+    and leaves the checkpoints written before it as they were."""
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / FILES[0]))
+        (tmp / FILES[1]).write_text(json.dumps(state, indent=1))
+        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in FILES}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -137,6 +157,12 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(run_dir) if p != final]
+        kept = f"; {previous[-1]} is kept" if previous else ""
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"{ckpt_root}: cannot write checkpoint {final.name} ({what}){kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,10 +173,56 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def verify_checkpoint(path: Path) -> bool:
+    """Check a checkpoint's files against its ``checksums.json``; raises :class:`CheckpointError` if
+    they differ. Returns False for a checkpoint written before checksums existed (nothing to check)."""
+    path = Path(path)
+    listed = path / CHECKSUMS
+    if not listed.is_file():
+        return False
     try:
-        tensors = load_file(str(Path(path) / "tensors.safetensors"))
-        state = json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+        want = json.loads(listed.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: unreadable {CHECKSUMS} ({e})") from None
+    if not isinstance(want, dict) or any(not isinstance(want.get(name), str) for name in FILES):
+        raise CheckpointError(f"{path.name}: {CHECKSUMS} does not list {', '.join(FILES)}")
+    for name in FILES:
+        try:
+            got = _sha256(path / name)
+        except OSError as e:
+            raise CheckpointError(f"{path.name}/{name}: cannot read ({e.strerror or e})") from None
+        if got != want[name]:
+            size = (path / name).stat().st_size
+            raise CheckpointError(f"{path.name}/{name}: checksum mismatch ({size:,} bytes; damaged or replaced)")
+    return True
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and state of a checkpoint whose checksums match; :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        tensors = load_file(str(path / FILES[0]))
+        state = json.loads((path / FILES[1]).read_text())
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"{path.name}: cannot read checkpoint ({' '.join(str(e).split())})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path.name}/{FILES[1]}: not a checkpoint state")
     return tensors, state
+
+
+def load_newest_checkpoint(found: list[Path], on_skip: Callable[[str], None] | None = None,
+                           ) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """The newest readable checkpoint of ``found`` (oldest first): a damaged one is skipped, with
+    its reason passed to ``on_skip(message)``, and the one before it is tried."""
+    problems = []
+    for path in reversed(found):
+        try:
+            return (path, *load_checkpoint(path))
+        except CheckpointError as e:
+            problems.append(str(e))
+            older = [p for p in found if p.name < path.name]
+            if older and on_skip is not None:
+                on_skip(f"skipped checkpoint {e}; resuming from {older[-1].name}")
+    where = found[-1].parent if found else "checkpoints"
+    raise CheckpointError(f"{where}: no readable checkpoint to resume from ({'; '.join(problems)})")

@@ -4,7 +4,8 @@ The loop owns what every stage shares: the data order (a seeded permutation per 
 ranks, so a resumed run sees exactly the batches it would have seen), mixed precision (bf16 or fp16
 autocast on CUDA, plain fp32 on the CPU), gradient accumulation, validation every N steps, a metrics
 log (``metrics.csv``), progress through a callback, and atomic checkpoints that restore everything
-(weights, optimisers, grad scaler, step, every RNG state). A *stage* says what a step computes.
+(weights, optimisers, grad scaler, step, every RNG state); a damaged newest checkpoint is skipped on
+resume (a warning through the callback) for the one before it. A *stage* says what a step computes.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the stage wraps its networks in DistributedDataParallel,
 every rank trains on its shard of each epoch and rank 0 alone writes logs and checkpoints.
@@ -343,8 +344,15 @@ class Trainer:
             ckpt.save_checkpoint(self.run_dir, self.step, tensors, state, keep=self.config.keep_checkpoints)
         self.dist.barrier()
 
-    def restore(self, path: Path) -> None:
-        tensors, state = ckpt.load_checkpoint(path)
+    def _warn(self, message: str) -> None:
+        """A note for the user, through the progress callback (``info["warning"]``)."""
+        if self.on_step is not None and self.dist.is_main:
+            self.on_step(self.step, self.config.steps, {"warning": message})
+
+    def restore(self, found: list[Path]) -> Path:
+        """Restore the newest readable checkpoint of ``found`` (oldest first); a damaged one is
+        skipped with a warning. Returns the checkpoint used."""
+        path, tensors, state = ckpt.load_newest_checkpoint(found, self._warn)
         try:
             for name, net in self.stage.networks.items():
                 prefix = f"net/{name}/"
@@ -360,6 +368,7 @@ class Trainer:
                                     state["stage"])
         self.sampler.load(state["sampler"])
         self.step = int(state["step"])
+        return path
 
     # -- the loop ------------------------------------------------------------------------------
     def _lr_scale(self, step: int) -> float:
@@ -376,7 +385,7 @@ class Trainer:
         resume_step = None
         found = check_run_dir(self.run_dir, resume)
         if resume:
-            self.restore(found[-1])
+            self.restore(found)
             resume_step = self.step
         log = MetricsLog(self.run_dir / "metrics.csv", self.dist.is_main, resume_step)
         last_val: dict[str, float] = {}
