@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from app_support import audit, common, results
+from app_support import audit, common, jobs, results
 from app_support.viewer import Panel, viewer
 from synthbrain.errors import SynthBrainError
 from synthbrain.io import Volume
@@ -45,10 +45,8 @@ if go:
     try:
         auditor, _ = audit.auditor_cached(str(bundle.path), bundle.config["autoencoder"].get("sha256", ""),
                                           path.strip(), common.device())
-        bar, on_step = common.progress_callback("Comparing with the training set:")
-        with common.models_busy():
-            report = auditor.audit([(f"sample-{it.number}", it.volume.data) for it in gallery], on_step)
-        bar.empty()
+        volumes = [(f"sample-{it.number}", it.volume.data) for it in gallery]
+        report = jobs.run(lambda on_step: auditor.audit(volumes, on_step), "Comparing with the training set:")
         st.session_state[REPORT] = (report, {f"sample-{it.number}": it.number for it in gallery}, path.strip())
     except SynthBrainError as e:
         common.show_error(e)

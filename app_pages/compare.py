@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app_support import common, results, scans
+from app_support import common, jobs, results, scans
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
 
@@ -20,8 +20,7 @@ def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str
 
     bundle = common.load_bundle_cached(bundle_path, device)
     scan = scans.builtin_scan(source, index, bundle.grid.name)
-    with common.model_lock():
-        recon = reconstruct(bundle, scan.volume, device=device)
+    recon = jobs.run(lambda _: reconstruct(bundle, scan.volume, device=device), "", show=False)
     return results.make_compare(scan.key, scan.label, recon, scan.details, provenance=scan.provenance)
 
 
@@ -44,8 +43,8 @@ if go and scan is not None:
             if source == "upload":
                 from synthbrain.reconstruction import reconstruct
 
-                with common.models_busy():
-                    recon = reconstruct(bundle, scan.volume, device=common.device())
+                volume, on = scan.volume, common.device()
+                recon = jobs.run(lambda _: reconstruct(bundle, volume, device=on), "Reconstructing…")
                 # the user's own scan: kept in this session only, never in a shared cache
                 st.session_state[RESULT] = results.make_compare(scan.key, scan.label, recon,
                                                                 provenance=scan.provenance)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from functools import partial
 
 import pandas as pd
 import streamlit as st
 
-from app_support import common, results
+from app_support import common, jobs, results
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
 from synthbrain.sampling import guidance_warning
@@ -56,17 +57,14 @@ if go:
         seed = secrets.randbelow(2**31 - 1)  # shown with the result, so the brain can be made again
     try:
         generator = common.generator_cached(str(bundle.path), common.device())
-        bar, on_step = common.progress_callback("Sampling:")
-        with common.models_busy():
-            sample = generator.sample(conditions, n=1, seed=int(seed), steps=int(steps), guidance=float(guidance),
-                                      on_step=on_step)[0]
+        job = partial(generator.sample, conditions, n=1, seed=int(seed), steps=int(steps), guidance=float(guidance))
+        sample = jobs.run(lambda on_step: job(on_step=on_step)[0], "Sampling:")
         number = (gallery[-1].number + 1) if gallery else 1
         gallery.append(results.make_item(number, sample, bundle))
         del gallery[:-MAX_GALLERY]
         while len(gallery) > 2 and sum(it.nbytes for it in gallery) > MAX_GALLERY_BYTES:
             del gallery[0]
         st.session_state[CURRENT] = number
-        bar.empty()
     except SynthBrainError as e:
         common.show_error(e)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_support import common, results, scans
+from app_support import common, jobs, results, scans
 
 VQ_SHOWN = "learn_vq_shown"      # this session pressed the VQ-VAE button (the pictures are cached)
 STEPS_SHOWN = "learn_steps_shown"
@@ -24,8 +24,7 @@ def vqvae_pictures(bundle_path: str, device: str, weights: str) -> dict:
 
     bundle = common.load_bundle_cached(bundle_path, device)
     scan = scans.builtin_scan("template", 0, bundle.grid.name)
-    with common.model_lock():
-        recon = reconstruct(bundle, scan.volume, device=device)
+    recon = jobs.run(lambda _: reconstruct(bundle, scan.volume, device=device), "", show=False)
     return {"original": orthogonal_png(recon.original, title="The scan (MNI152 template, preprocessed)", width_px=800),
             "reconstruction": orthogonal_png(recon.reconstruction, title="Decoded from its codes", width_px=800),
             "latent": latent_png(recon.latent, recon.indices, width_px=800),
@@ -37,24 +36,14 @@ def vqvae_pictures(bundle_path: str, device: str, weights: str) -> dict:
 def denoising_picture(bundle_path: str, device: str, weights: str, seed: int, steps: int) -> tuple[bytes, list[str]]:
     """One sample's denoising: the starting noise and a few of the sampler's steps, each latent
     decoded. Built-in inputs only (typical conditions, a seed), so shared by everyone."""
-    from synthbrain.io import Volume
     from synthbrain.viz.latent import denoising_png
 
-    bundle = common.load_bundle_cached(bundle_path, device)
     generator = common.generator_cached(bundle_path, device)
-    schema = bundle.schema
-    conditions = schema.complete(bundle.population.typical(schema, {}))
-    context, _ = generator.context([conditions])
     shown = sorted({int(round(s)) for s in np.linspace(1, steps, min(steps, MAX_STRIP - 1))})
-    with common.model_lock():
-        noise = generator.noise([seed])
-        steps_out: list = []
-        generator.denoise(noise, context, steps, generator.config.default_guidance, intermediates=steps_out)
-        latents = [noise] + [steps_out[s - 1] for s in shown]
-        volumes = [Volume(generator.decode(z)[0, 0].cpu().numpy(), bundle.grid.affine) for z in latents]
-    labels = ["noise"] + [f"step {s} of {steps}" for s in shown]
-    crops = [generator.prior.crop(z)[0].cpu().numpy() for z in latents]
-    return denoising_png(crops, volumes, labels), labels
+    seen = jobs.run(lambda _: list(generator.denoising_steps(None, seed=seed, steps=steps, shown=shown)), "",
+                    show=False)
+    labels = [d.label for d in seen]
+    return denoising_png([d.latent for d in seen], [d.volume for d in seen], labels), labels
 
 
 bundle = common.current_bundle()

@@ -3,13 +3,16 @@ stays recognisable), with measured volumes against age, a GIF of a plane and the
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_support import common, scans, trajectory
+from app_support import common, jobs, scans
 from app_support.results import base_layer
 from app_support.viewer import Panel, viewer
+from synthbrain import series
 from synthbrain.errors import SynthBrainError
 from synthbrain.sampling import guidance_warning
 
@@ -22,7 +25,7 @@ STARTS = {"seed": "A seed: a new synthetic brain", "scan": "A real scan: edit it
 bundle = common.sampling_page("Trajectories: one brain through age", "cannot generate a series.")
 schema = bundle.schema
 population = bundle.population
-axis = trajectory.axis_name(schema)
+axis = series.axis_name(schema)
 ax = schema[axis]
 ax_label = f"{ax.label} ({ax.unit})" if ax.unit else ax.label
 
@@ -42,33 +45,33 @@ with st.sidebar:
     low, high = st.slider(f"{ax_label} range", float(ax.low), float(ax.high), step=common.condition_step(ax),
                           value=(float(round(ax.low + 0.1 * span)), float(round(ax.high - 0.1 * span))),
                           format="%.0f" if common.condition_step(ax) >= 1 else "%.1f", key="traj_range")
-    k = st.slider("Frames", 2, trajectory.MAX_FRAMES, 5, key="traj_k", help="Evenly spaced over the range.")
+    k = st.slider("Frames", 2, series.MAX_FRAMES, 5, key="traj_k", help="Evenly spaced over the range.")
     st.header("Other conditions")
-    settings: dict[str, trajectory.Setting] = {}
+    settings: dict[str, series.Setting] = {}
     for c in schema:
         if c.name == axis:
             continue
-        modes = trajectory.modes_for(c, population)
+        modes = series.modes_for(c, population)
         mode = modes[0]
         if len(modes) > 1:
-            mode = st.selectbox(c.label, modes, format_func=trajectory.MODES.__getitem__, key=f"traj_mode_{c.name}")
+            mode = st.selectbox(c.label, modes, format_func=series.MODES.__getitem__, key=f"traj_mode_{c.name}")
         if mode == "typical":
             st.caption(f"{c.label}: the population's typical value at each frame's {ax.label.lower()} and sex.")
-            settings[c.name] = trajectory.Setting("typical")
+            settings[c.name] = series.Setting("typical")
         elif mode == "fixed":
             value = common.condition_inputs([c], key="traj_fixed")[c.name]
-            settings[c.name] = trajectory.Setting("fixed", value)
+            settings[c.name] = series.Setting("fixed", value)
         elif mode == "sweep":
             a = common.condition_inputs([c], key="traj_from", label_suffix=", first frame")[c.name]
             b = common.condition_inputs([c], key="traj_to", label_suffix=", last frame")[c.name]
-            settings[c.name] = trajectory.Setting("sweep", a, b)
+            settings[c.name] = series.Setting("sweep", a, b)
         else:
             a = common.condition_inputs([c], key="traj_from", label_suffix=", before")[c.name]
             b = common.condition_inputs([c], key="traj_to", label_suffix=", from then on")[c.name]
             at = st.slider(f"{c.label} changes at {ax_label.lower()}", float(ax.low), float(ax.high),
                            value=float(common.initial_value(ax)), step=common.condition_step(ax),
                            key=f"traj_at_{c.name}")
-            settings[c.name] = trajectory.Setting("switch", a, b, at)
+            settings[c.name] = series.Setting("switch", a, b, at)
     st.header("Sampling")
     seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="traj_seed",
                            help="The same seed at every frame: one brain, not a new one per age.")
@@ -89,28 +92,26 @@ with st.sidebar:
 
 if go:
     try:
-        values = trajectory.axis_values(low, high, int(k))
-        conditions = trajectory.plan_series(schema, population, axis, values, settings)
+        values = series.axis_values(low, high, int(k))
+        conditions = series.plan_series(schema, population, axis, values, settings)
         source = None
         if scan is not None and start == "scan":
             from synthbrain.data.preprocess import preprocess
 
             source = preprocess(scan.volume, bundle.grid)[0]
         generator = common.generator_cached(str(bundle.path), common.device())
-        bar, on_step = common.progress_callback(f"Series of {len(conditions)}:")
-        result = trajectory.build_trajectory(
-            generator, bundle, conditions, axis=axis, seed=int(seed), steps=int(steps), guidance=float(guidance),
-            source=source, source_label=scan.label if source is not None else "", strength=float(strength),
-            on_step=on_step, lock=common.models_busy())
+        job = partial(series.build_trajectory, generator, bundle, conditions, axis=axis, seed=int(seed),
+                      steps=int(steps), guidance=float(guidance), source=source,
+                      source_label=scan.label if source is not None else "", strength=float(strength))
+        result = jobs.run(lambda on_step: job(on_step=on_step), f"Series of {len(conditions)}:")
         st.session_state[RESULT] = result
         st.session_state[FRAME] = 0
         st.session_state[PLAY] = False
-        bar.empty()
     except SynthBrainError as e:
         common.show_error(e)
 
 # --------------------------------------------------------------------------------------- result
-traj: trajectory.Trajectory | None = st.session_state.get(RESULT)
+traj: series.Trajectory | None = st.session_state.get(RESULT)
 if traj is None:
     st.markdown(f"Choose the {ax.label.lower()} range and the other conditions in the sidebar, then press "
                 "**Generate the series**.")
@@ -127,7 +128,7 @@ st.toggle("Play", key=PLAY, help="Step through the frames, one every ~1 s.")
 
 
 @st.fragment(run_every=PLAY_SECONDS if st.session_state.get(PLAY) else None)
-def frame_view(traj: trajectory.Trajectory) -> None:
+def frame_view(traj: series.Trajectory) -> None:
     """The frame slider and the viewer; playing reruns only this part, not the whole page."""
     if st.session_state.get(PLAY):
         st.session_state[FRAME] = (st.session_state.get(FRAME, 0) + 1) % len(traj.frames)
@@ -155,7 +156,7 @@ st.plotly_chart(traj.figure(), key="traj_chart")
 rows = []
 for i, f in enumerate(traj.frames):
     row = {ax_label: traj.axis_values[i]}
-    for name, label in trajectory.MEASURED:
+    for name, label in series.MEASURED:
         req = traj.requested(name)
         if req is not None:
             row[f"{label}, requested (mL)"] = f"{req[i]:.1f}"

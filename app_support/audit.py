@@ -40,9 +40,11 @@ def training_data_choices(bundle) -> list[str]:
 def auditor_cached(bundle_path: str, weights: str, data: str, device: str):
     """(Auditor, training dataset) for the bundle at ``bundle_path`` with these ``weights`` (its
     autoencoder's sha256) and the training data folder ``data``."""
+    from app_support import jobs
     from app_support.common import load_bundle_cached
     from synthbrain.privacy import Auditor, holdout_split
 
     bundle = load_bundle_cached(bundle_path, device)
     train, held = holdout_split(bundle, data)
-    return Auditor(bundle, train, held, device=device), train
+    # encoding the training set is model work: it takes its turn in the queue like any other job
+    return jobs.run(lambda _: Auditor(bundle, train, held, device=device), "", show=False), train

@@ -1,11 +1,12 @@
-"""What every page shares: the model bundle (loaded once per process), the lock that serialises model
-calls, condition widgets built from the bundle's schema, a progress bar for ``on_step``, and errors.
+"""What every page shares: the model bundle and generator (loaded once per process), condition widgets
+built from the bundle's schema, and errors. Model work runs through the job queue (``jobs.py``).
 
 Configuration (environment, so that ``synthbrain app`` and tests can set it):
     SYNTHBRAIN_BUNDLE   bundle folder to open first (default: the demo bundle shipped in the package)
     SYNTHBRAIN_MODELS   folder whose sub-folders are bundles to choose from in the sidebar
     SYNTHBRAIN_DEVICE   torch device for the models (default: cuda when available, else cpu)
     SYNTHBRAIN_DATA     folder of BIDS datasets: the Audit page finds a model's training data there
+    SYNTHBRAIN_WORKERS  model jobs that run at once (default: 1 on the CPU, 2 on a GPU; see jobs.py)
 
 One user's inputs and results live only in ``st.session_state``; the shared caches hold the bundle,
 the generator and results computed from built-in data (the template, phantom subjects), never an
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,27 +89,6 @@ def generator_cached(path: str, device: str):
     from synthbrain.sampling import Generator
 
     return Generator(load_bundle_cached(path, device), device=device)
-
-
-@st.cache_resource
-def model_lock() -> threading.Lock:
-    """One lock for every model call in the process: the networks are shared, not thread-safe, and
-    two sessions sampling at once on 2 cores would each take twice as long anyway."""
-    return threading.Lock()
-
-
-@contextmanager
-def models_busy(waiting: str = "Another session is using the model; waiting for it to finish…") -> Iterator[None]:
-    lock = model_lock()
-    if not lock.acquire(blocking=False):
-        note = st.empty()
-        note.info(waiting)
-        lock.acquire()
-        note.empty()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def bundle_sidebar() -> str:
@@ -218,16 +195,6 @@ def condition_inputs(schema, *, key: str, disabled: tuple[str, ...] = (),
             extra = {"horizontal": True} if c.kind == "binary" else {}
             out[c.name] = widget(label, list(c.categories), key=wkey, disabled=off, help=c.description or None, **extra)
     return out
-
-
-def progress_callback(text: str) -> tuple[Any, Callable[[int, int, dict], None]]:
-    """An ``st.progress`` bar and the ``on_step(i, n, info)`` callback that moves it."""
-    bar = st.progress(0.0, text=text)
-
-    def on_step(i: int, n: int, info: dict | None = None) -> None:
-        bar.progress(min(max(i / max(n, 1), 0.0), 1.0), text=f"{text} step {i} of {n}")
-
-    return bar, on_step
 
 
 # an absolute path: a slash not inside a word or a number ("mL/year", "2/3" stay)

@@ -11,6 +11,7 @@ from app_support.viewer import Layer, Panel, Surface
 from synthbrain.errors import InvalidVolumeError
 from synthbrain.export import DERIVED, REAL, SYNTHETIC, kind
 from synthbrain.io import Volume
+from synthbrain.viz.display import display_bytes
 
 DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
 GALLERY = "gen_gallery"              # session state: this session's samples (GalleryItem), newest last
@@ -128,14 +129,6 @@ class GalleryItem:
     def surface_panel(self, title: str = "") -> Panel | None:
         surfaces = self.surface_set[0]
         return Panel(title, surfaces=surfaces, view="render") if surfaces else None
-
-
-def display_bytes(volume: Volume, provenance: str) -> bytes:
-    """The viewer's copy of a volume, its header saying what it is."""
-    from synthbrain.export import kind
-    from synthbrain.viz.display import display_nifti_bytes
-
-    return display_nifti_bytes(volume, f"SynthBrain {kind(provenance).name.upper()} T1w (display)")
 
 
 def make_item(number: int, sample, bundle) -> GalleryItem:

@@ -16,7 +16,6 @@ import pytest
 from conftest import subprocess_env
 
 from app_support.results import make_compare
-from app_support.trajectory import build_trajectory
 from synthbrain.bundle import load_bundle
 from synthbrain.data.preprocess import preprocess
 from synthbrain.errors import ConfigError
@@ -24,6 +23,7 @@ from synthbrain.export import DERIVED, REAL, SYNTHETIC, read_provenance, sidecar
 from synthbrain.io import read_volume
 from synthbrain.reconstruction import reconstruct
 from synthbrain.sampling import Generator, write_samples
+from synthbrain.series import build_trajectory
 
 PERSONAL = ("John", "Doe", "1970-01-01", "MRN123")
 

@@ -50,3 +50,11 @@ def display_nifti_bytes(volume: Volume, description: str = "SynthBrain display c
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
     # gzip level 1: three times faster than 6 and only a few percent larger on these images
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+
+def display_bytes(volume: Volume, provenance: str) -> bytes:
+    """The viewer's copy of a volume (:func:`display_nifti_bytes`), its header saying what kind it is
+    (``synthetic``, ``derived`` or ``real``, see :mod:`synthbrain.export`)."""
+    from synthbrain.export import kind
+
+    return display_nifti_bytes(volume, f"SynthBrain {kind(provenance).name.upper()} T1w (display)")

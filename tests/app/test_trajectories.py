@@ -1,6 +1,6 @@
 """The Trajectories page under AppTest (widgets from the schema, a tiny series from one seed and from
-a scan, the frame slider and play control, the chart, the downloads) and the parts it is built from
-(the series plan, the GIF and strip makers, the chart figure)."""
+a scan, the frame slider and play control, the chart, the downloads) and the viz parts it is built
+from (the GIF and strip makers, the chart figure). The series plan is tested in tests/test_series.py."""
 
 from __future__ import annotations
 
@@ -15,12 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_support import trajectory
-from synthbrain.conditions import Condition, ConditionSchema
 from synthbrain.data.template import load_template
-from synthbrain.errors import ConditionError
 from synthbrain.io import Volume, to_nifti_bytes
-from synthbrain.population import PopulationModel
+from synthbrain.series import MEASURED, MODES
 
 from .app_helpers import frame, nifti_array, open_page, texts, viewer_calls
 
@@ -67,7 +64,7 @@ def test_widgets_follow_the_schema(bundle):
             continue
         if c.kind == "continuous":  # the volumes: typical for age and sex by default, or fixed, or swept
             mode = at.sidebar.selectbox(key=f"traj_mode_{c.name}")
-            assert list(mode.options) == [trajectory.MODES[m] for m in ("typical", "fixed", "sweep")]
+            assert list(mode.options) == [MODES[m] for m in ("typical", "fixed", "sweep")]
             assert mode.value == "typical"
         else:  # sex: fixed along one brain's series
             radio = next(r for r in at.sidebar.radio if r.label == c.label)
@@ -103,7 +100,7 @@ def test_a_series_from_one_seed(bundle, generator, media):
 
     # the chart: measured (gaps where a frame could not be measured) against the requested values
     lines = chart(at)
-    for name, label in trajectory.MEASURED:
+    for name, label in MEASURED:
         measured, requested = lines[f"{label}: measured"], lines[f"{label}: requested"]
         assert measured["x"] == requested["x"] == [50.0, 60.0, 70.0]
         assert requested["y"] == pytest.approx([t[name] for t in typical])
@@ -215,63 +212,6 @@ def test_an_upload_can_be_edited_and_a_bad_one_cannot(bundle):
     at = run_series(at, k=2, steps=2)
     traj = at.session_state["traj_result"]
     assert traj.is_edit and traj.source_label == "mine.nii.gz" and len(traj.frames) == 2
-
-
-# ---------------------------------------------------------------------------------------- plan
-
-
-@pytest.fixture
-def schema_with_diagnosis():
-    return ConditionSchema((
-        Condition("age", "Age", "years", "continuous", 40.0, 90.0, default=60.0),
-        Condition("sex", "Sex", "", "binary", categories=("F", "M"), default="F"),
-        Condition("diagnosis", "Diagnosis", "", "categorical", categories=("CN", "MCI", "AD"), default="CN"),
-        Condition("ventricular_volume", "Ventricular volume", "mL", "continuous", 5.0, 120.0, default=30.0),
-        Condition("brain_volume", "Brain volume", "mL", "continuous", 800.0, 1600.0, default=1100.0),
-    ))
-
-
-def test_plan_follows_each_setting(schema_with_diagnosis):
-    schema = schema_with_diagnosis
-    pop = PopulationModel({"ventricular_volume": (3.4, 0.03, 0.0, 0.1)}, age_centre=65.0)
-    assert trajectory.modes_for(schema["sex"], pop) == ["fixed"]
-    assert trajectory.modes_for(schema["diagnosis"], pop) == ["fixed", "switch"]
-    assert trajectory.modes_for(schema["ventricular_volume"], pop) == ["typical", "fixed", "sweep"]
-    assert trajectory.modes_for(schema["brain_volume"], pop) == ["fixed", "sweep"]  # no population model for it
-    ages = trajectory.axis_values(50.0, 80.0, 4)
-    assert ages == [50.0, 60.0, 70.0, 80.0]
-    plan = trajectory.plan_series(schema, pop, "age", ages, {
-        "sex": trajectory.Setting("fixed", "M"),
-        "diagnosis": trajectory.Setting("switch", "CN", "AD", at=65.0),
-        "ventricular_volume": trajectory.Setting("typical"),
-        "brain_volume": trajectory.Setting("sweep", 1200.0, 1050.0)})
-    assert [p["age"] for p in plan] == ages and {p["sex"] for p in plan} == {"M"}
-    assert [p["diagnosis"] for p in plan] == ["CN", "CN", "AD", "AD"]
-    assert [p["brain_volume"] for p in plan] == [1200.0, 1150.0, 1100.0, 1050.0]
-    want = [pop.typical(schema, {"age": a, "sex": "M"})["ventricular_volume"] for a in ages]
-    assert [p["ventricular_volume"] for p in plan] == want and want[0] < want[-1]
-    # settings left out take their first mode at the schema's default
-    plain = trajectory.plan_series(schema, pop, "age", ages, {})
-    assert {p["diagnosis"] for p in plain} == {"CN"} and {p["brain_volume"] for p in plain} == {1100.0}
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda s, p: trajectory.axis_values(60.0, 60.0, 3), "range must go up"),
-    (lambda s, p: trajectory.axis_values(40.0, 60.0, 1), "2..12 frames"),
-    (lambda s, p: trajectory.Setting("sweep", 1.0), "end value"),
-    (lambda s, p: trajectory.Setting("wobble", 1.0), "mode must be"),
-    (lambda s, p: trajectory.plan_series(s, p, "age", [50.0, 60.0],
-                                         {"sex": trajectory.Setting("switch", "F", "M", 55.0)}), "cannot be set"),
-])
-def test_bad_plans_are_refused(schema_with_diagnosis, call, message):
-    with pytest.raises(ValueError, match=message):
-        call(schema_with_diagnosis, PopulationModel())
-
-
-def test_a_bad_category_is_refused(schema_with_diagnosis):
-    with pytest.raises(ConditionError):
-        trajectory.plan_series(schema_with_diagnosis, PopulationModel(), "age", [50.0, 60.0],
-                               {"diagnosis": trajectory.Setting("fixed", "flu")})
 
 
 # ----------------------------------------------------------------------------------- viz parts

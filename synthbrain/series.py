@@ -1,19 +1,30 @@
-"""One brain through age: the conditions of each frame, the sampling of the series (from one seed, or
-by editing a real scan), what was measured on each frame, and the series' chart, GIF and zip.
+"""Trajectories: one brain through a condition (usually age). Plan the conditions of every frame
+(:class:`Setting` per condition, :func:`plan_series`), sample them from one seed (the same starting
+noise, so one brain) or as edits of one preprocessed scan (SDEdit, :meth:`Generator.edit`), measure
+each frame, and keep the series as a :class:`Trajectory` that gives its chart, GIF and a BIDS-like
+zip through the one exporter (:mod:`synthbrain.export`).
 
-No Streamlit here: the Trajectories page reads widgets into :class:`Setting` values and calls these.
+```python
+from synthbrain.sampling import Generator
+from synthbrain.series import axis_values, build_trajectory, plan_series
+
+gen = Generator.from_bundle()
+ages = axis_values(55, 85, 4)                                   # [55.0, 65.0, 75.0, 85.0] years
+plan = plan_series(gen.schema, gen.bundle.population, "age", ages, {})
+traj = build_trajectory(gen, gen.bundle, plan, axis="age", seed=3, steps=4, guidance=2.0)
+traj.zip()                                                      # bytes: one session per frame
+```
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from synthbrain.errors import InvalidVolumeError
+from synthbrain.errors import ConfigError, InvalidVolumeError
 from synthbrain.io import Volume
 
 OnStep = Callable[[int, int, dict], None]
@@ -39,13 +50,13 @@ class Setting:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {tuple(MODES)}, got {self.mode!r}")
         if self.mode in ("fixed", "sweep", "switch") and self.value is None:
-            raise ValueError(f"a {self.mode} setting needs a value")
+            raise ConfigError(f"a {self.mode} setting needs a value")
         if self.mode in ("sweep", "switch") and self.end is None:
-            raise ValueError(f"a {self.mode} setting needs an end value")
+            raise ConfigError(f"a {self.mode} setting needs an end value")
         if self.mode == "switch" and self.at is None:
-            raise ValueError("a switch setting needs the axis value 'at' where it changes")
+            raise ConfigError("a switch setting needs the axis value 'at' where it changes")
 
 
 def axis_name(schema) -> str:
@@ -58,7 +69,7 @@ def axis_name(schema) -> str:
     for c in schema:
         if c.kind == "continuous":
             return c.name
-    raise ValueError("the condition schema has no continuous condition to sweep")
+    raise ConfigError("the condition schema has no continuous condition to sweep")
 
 
 def modes_for(condition, population) -> list[str]:
@@ -75,9 +86,9 @@ def modes_for(condition, population) -> list[str]:
 def axis_values(low: float, high: float, k: int) -> list[float]:
     """``k`` evenly spaced values from ``low`` to ``high`` (inclusive), rounded to 0.1."""
     if not 2 <= k <= MAX_FRAMES:
-        raise ValueError(f"a series has 2..{MAX_FRAMES} frames, got {k}")
+        raise ConfigError(f"a series has 2..{MAX_FRAMES} frames, got {k}")
     if not high > low:
-        raise ValueError(f"the range must go up: got {low:g} to {high:g}")
+        raise ConfigError(f"the range must go up: got {low:g} to {high:g}")
     return [round(float(v), 1) for v in np.linspace(low, high, k)]
 
 
@@ -96,7 +107,7 @@ def plan_series(schema, population, axis: str, values: Sequence[float],
                 continue
             s = settings.get(c.name) or Setting(modes_for(c, population)[0], c.default)
             if s.mode not in modes_for(c, population):
-                raise ValueError(f"condition {c.name!r} cannot be set as {s.mode!r}")
+                raise ConfigError(f"condition {c.name!r} cannot be set as {s.mode!r}")
             if s.mode == "typical":
                 continue  # filled in below, from this frame's age and sex
             if s.mode == "fixed":
@@ -140,6 +151,8 @@ def sample_series(generator, conditions: Sequence[Mapping[str, Any]], *, seed: i
 
 @dataclass(eq=False)
 class Frame:
+    """One frame of a series: the sample, its viewer copy, and what was measured on it (mL)."""
+
     sample: Any                     # synthbrain.sampling.Sample
     display: bytes                  # gzip NIfTI for the viewer
     measured: dict[str, float] | None = None
@@ -152,8 +165,8 @@ class Frame:
 
 def make_frame(sample, grid) -> Frame:
     """A sample with its display file and what was measured on it (or why it could not be)."""
-    from app_support.results import display_bytes
     from synthbrain.measure import measure_volume
+    from synthbrain.viz.display import display_bytes
 
     display = display_bytes(sample.volume, sample.provenance)
     try:
@@ -169,7 +182,10 @@ def make_frame(sample, grid) -> Frame:
 
 @dataclass(eq=False)
 class Trajectory:
-    """A finished series as the page keeps it (in the session's state only)."""
+    """A finished series: its frames (in order along ``axis``), how they were made, and, for edits,
+    the scan they started from. What it can give: its chart (:meth:`figure`), a GIF of one plane
+    (:meth:`gif`), and the series as files (:meth:`zip`, :meth:`sidecar`). The app keeps one in a
+    session's state only (an edit holds a person's scan)."""
 
     frames: list[Frame]
     bundle: Any = field(repr=False)
@@ -287,12 +303,14 @@ class Trajectory:
 
 def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]], *, axis: str, seed: int,
                      steps: int, guidance: float, source: Volume | None = None, source_label: str = "",
-                     strength: float = 0.5, on_step: OnStep | None = None,
-                     lock: contextlib.AbstractContextManager | None = None) -> Trajectory:
-    """Sample the series (holding ``lock`` while the models run), then measure every frame.
-    ``source`` is a preprocessed scan on the bundle's grid (edits) or None (one seed).
-    ``on_step(i, n)`` runs over the whole job: the denoising steps, then one step per measured frame."""
-    from synthbrain.viz.display import display_nifti_bytes
+                     strength: float = 0.5, on_step: OnStep | None = None) -> Trajectory:
+    """Sample the series (see :func:`sample_series`), then measure every frame. ``conditions``: one
+    dict per frame in real units (:func:`plan_series`); ``source``: a preprocessed scan on the
+    bundle's grid (edits, derived data) or None (one seed, synthetic); ``source_label`` names it in
+    this session only (never written). ``on_step(i, n)`` runs over the whole job: the denoising
+    steps, then one step per measured frame. The generator is reentrant, so callers need no lock."""
+    from synthbrain.export import REAL
+    from synthbrain.viz.display import display_bytes
 
     k = len(conditions)
     total = [0]
@@ -302,15 +320,13 @@ def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]],
         if on_step is not None:
             on_step(i, n + k, info)
 
-    with lock or contextlib.nullcontext():
-        samples = sample_series(generator, conditions, seed=seed, steps=steps, guidance=guidance,
-                                source=None if source is None else source.data, strength=strength,
-                                on_step=sampling)
+    samples = sample_series(generator, conditions, seed=seed, steps=steps, guidance=guidance,
+                            source=None if source is None else source.data, strength=strength, on_step=sampling)
     frames = []
     for j, s in enumerate(samples):
         frames.append(make_frame(s, bundle.grid))
         if on_step is not None:
             on_step(total[0] + j + 1, total[0] + k, {"measured": j + 1})
-    shown = display_nifti_bytes(source, "SynthBrain REAL T1w (display)") if source is not None else b""
+    shown = display_bytes(source, REAL) if source is not None else b""
     return Trajectory(frames, bundle, axis, seed, steps, guidance, source_label=source_label, source=source,
                       source_display=shown, strength=strength if source is not None else None)

@@ -1,0 +1,230 @@
+"""The app's model work, shared by every session: a bounded pool of worker threads, first come first
+served, and the page side of waiting for it (the queue position, then a progress bar).
+
+The generator is reentrant (``synthbrain.sampling``), so nothing needs one process-wide lock; what is
+bounded is how many model jobs run at once, because on a CPU one job already uses every core (two
+at once would each take twice as long) and on a GPU each job holds memory.
+
+    SYNTHBRAIN_WORKERS  model jobs that run at once (default: 1 on the CPU, 2 on a GPU)
+
+A job is a function ``fn(on_step)``; ``on_step(i, n, info)`` may be called from the worker thread (it
+only records the step: Streamlit elements are drawn by the session's own script thread, which waits
+here). A session that stops waiting (the user navigates away, presses something else) takes its job
+out of the queue unless it has already started; a started job runs to its end and its result is
+dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from synthbrain.errors import ConfigError
+
+WORKERS_ENV = "SYNTHBRAIN_WORKERS"
+T = TypeVar("T")
+OnStep = Callable[[int, int, dict], None]
+
+
+def workers_from_env(device: str | None = None) -> int:
+    """SYNTHBRAIN_WORKERS, else 1 on the CPU and 2 on a GPU (``device``: the app's torch device)."""
+    raw = os.environ.get(WORKERS_ENV, "").strip()
+    if not raw:
+        return 2 if (device or "cpu").startswith("cuda") else 1
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise ConfigError(f"{WORKERS_ENV} must be a whole number of model jobs from 1 to 64, got {raw!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a job stands: ``ahead`` jobs run or wait before it (0 once it runs)."""
+
+    started: bool
+    done: bool
+    ahead: int
+    step: tuple[int, int] | None     # (i, n) of its latest on_step
+
+
+class Job:
+    """One submitted job; read its :meth:`position`, wait for :meth:`result`, or :meth:`cancel` it."""
+
+    def __init__(self, queue: JobQueue, fn: Callable[[OnStep], Any]) -> None:
+        self._queue = queue
+        self._fn = fn
+        self.future: Future = Future()
+        self.started = False
+        self.step: tuple[int, int] | None = None
+        self.submitted = time.monotonic()
+        self.start_time: float | None = None
+
+    def on_step(self, i: int, n: int, info: dict | None = None) -> None:
+        with self._queue.changed:
+            self.step = (int(i), int(n))
+            self._queue.bump()
+
+    def position(self) -> Position:
+        return self._queue.position(self)
+
+    def cancel(self) -> bool:
+        """Take the job out of the queue if it has not started; False if it runs or ran."""
+        return self._queue.cancel(self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.future.result(timeout)
+
+    @property
+    def waited(self) -> float:
+        """Seconds it spent in the queue before a worker took it (so far, if it still waits)."""
+        return (self.start_time or time.monotonic()) - self.submitted
+
+
+class JobQueue:
+    """A pool of ``workers`` threads and the jobs waiting for them, in order of submission."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ConfigError(f"a job queue needs at least 1 worker, got {workers}")
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synthbrain-model")
+        self.changed = threading.Condition()   # notified whenever a job is queued, starts, steps or ends
+        self._waiting: list[Job] = []
+        self._running = 0
+        self.version = 0                       # counts changes, so a waiter knows it has seen the latest
+
+    def bump(self) -> None:
+        """Record a change and wake every waiter (call holding ``changed``)."""
+        self.version += 1
+        self.changed.notify_all()
+
+    def submit(self, fn: Callable[[OnStep], T]) -> Job:
+        job = Job(self, fn)
+        with self.changed:
+            self._waiting.append(job)
+            job.future = self._pool.submit(self._run, job)
+            self.bump()
+        return job
+
+    def _run(self, job: Job):
+        with self.changed:
+            self._waiting.remove(job)
+            self._running += 1
+            job.started = True
+            job.start_time = time.monotonic()
+            self.bump()
+        try:
+            return job._fn(job.on_step)
+        finally:
+            with self.changed:
+                self._running -= 1
+                self.bump()
+
+    def cancel(self, job: Job) -> bool:
+        with self.changed:
+            if not job.future.cancel():
+                return False
+            self._waiting.remove(job)
+            self.bump()
+            return True
+
+    def position(self, job: Job) -> Position:
+        with self.changed:
+            done = job.future.done()
+            ahead = 0 if job.started or done else self._running + self._waiting.index(job)
+            return Position(job.started, done, ahead, job.step)
+
+    @property
+    def running(self) -> int:
+        with self.changed:
+            return self._running
+
+    @property
+    def waiting(self) -> int:
+        with self.changed:
+            return len(self._waiting)
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """Block until something changed since version ``seen`` (or ``timeout`` s); the new version."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.version != seen, timeout)
+            return self.version
+
+    def wait_until(self, predicate: Callable[[JobQueue], bool], timeout: float) -> bool:
+        """Block until ``predicate(queue)`` holds (checked at every change) or ``timeout`` s pass."""
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self), timeout)
+
+
+_QUEUE: JobQueue | None = None
+_QUEUE_LOCK = threading.Lock()
+
+
+def job_queue() -> JobQueue:
+    """The server process's one queue (a module global: Streamlit reruns pages, not imported modules)."""
+    global _QUEUE
+    with _QUEUE_LOCK:
+        if _QUEUE is None:
+            from app_support.common import device
+
+            _QUEUE = JobQueue(workers_from_env(device()))
+        return _QUEUE
+
+
+# -------------------------------------------------------------------------------------- the page side
+
+
+def jobs_text(n: int) -> str:
+    return f"{n} job{'s' if n != 1 else ''}"
+
+
+def run(fn: Callable[[OnStep], T], text: str, *, show: bool = True) -> T:
+    """Run ``fn(on_step)`` in the server's job queue and return its result (or raise its error) in
+    this session's script thread. While it waits: "Waiting for the model: N jobs ahead of yours";
+    while it runs: a progress bar led by ``text`` and moved by ``on_step``. ``show=False`` draws
+    nothing (for calls inside ``st.cache_data`` functions, whose elements would be replayed)."""
+    import streamlit as st
+
+    queue = job_queue()
+    job = queue.submit(fn)
+    if not show:
+        try:
+            return job.result()
+        finally:
+            job.cancel()
+    slot = st.empty()
+    seen, drawn, most_ahead = -1, None, 0
+    try:
+        while not (pos := job.position()).done:
+            if not pos.started:
+                most_ahead = max(most_ahead, pos.ahead)
+                now = ("wait", pos.ahead)
+                if now != drawn:
+                    slot.info(f"Waiting for the model: {jobs_text(pos.ahead)} ahead of yours "
+                              f"(other sessions' work; {queue.workers} at a time).", icon=":material/hourglass:")
+            else:
+                i, n = pos.step or (0, 1)
+                now = ("run", i, n)
+                if now != drawn:
+                    slot.progress(min(max(i / max(n, 1), 0.0), 1.0),
+                                  text=f"{text} step {i} of {n}" if pos.step else text)
+            version = queue.wait_for_change(seen, timeout=1.0)
+            # nothing changed for a second: draw again anyway, because drawing is where Streamlit
+            # stops a script whose user has moved on (and then ``finally`` takes the job out)
+            drawn = now if version != seen else None
+            seen = version
+        result = job.result()
+    finally:
+        job.cancel()
+        slot.empty()
+    if most_ahead:
+        st.caption(f"Waited {job.waited:.1f} s in the queue behind {jobs_text(most_ahead)} of other sessions.")
+    return result
