@@ -1,4 +1,4 @@
-"""Model: the bundle's card, configuration, metrics and, where the bundle has them, training curves."""
+"""Model: the bundle's card, configuration, metrics, training curves and, where they exist, its tuning trials."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app_support import common
+from synthbrain.tuning import find_summary
 
 bundle = common.current_bundle()
 st.title(f"Model: {bundle.name}")
@@ -14,7 +15,9 @@ st.caption(f"Bundle folder: `{bundle.path}` · grid {bundle.grid.name} "
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")
 
-card, config, metrics, curves = st.tabs(["Model card", "Configuration", "Metrics", "Training curves"])
+tuning_file = find_summary(bundle.path, bundle.config)  # a `synthbrain tune` summary beside the bundle or its config
+tabs = st.tabs(["Model card", "Configuration", "Metrics", "Training curves"] + (["Tuning"] if tuning_file else []))
+card, config, metrics, curves = tabs[:4]
 with card:
     import re
 
@@ -58,3 +61,23 @@ with curves:
                       labels={"step": "optimiser step", "value": name})
         fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10})
         st.plotly_chart(fig, key=f"curve_{stage}")
+if tuning_file:
+    with tabs[4]:
+        from synthbrain.errors import SynthBrainError
+        from synthbrain.tuning import figure, read_summary, trials_table
+
+        try:
+            tuned = read_summary(tuning_file)
+        except SynthBrainError as e:
+            st.warning(str(e))
+        else:
+            best = tuned["best"]
+            st.markdown(f"**Optuna study `{tuned['study']}`** ({tuned['stage']}): {tuned['direction']} validation "
+                        f"{tuned['metric']} after {tuned['budget_steps']} steps per trial; "
+                        + ", ".join(f"{n} {s}" for s, n in sorted(tuned["counts"].items()))
+                        + (f"; best trial {best['number']}, {tuned['metric']} {best['value']:.4g}." if best else "."))
+            st.dataframe(pd.DataFrame(trials_table(tuned)), hide_index=True, key="tuning_trials")
+            for name in ("history", "importances"):
+                fig = figure(tuned, name)
+                if fig is not None:
+                    st.plotly_chart(fig, key=f"tuning_{name}")

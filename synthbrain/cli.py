@@ -20,6 +20,9 @@ train_app = typer.Typer(no_args_is_help=True, help="Train a stage (autoencoder, 
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a bundle's stage; figures go to its metrics.json.")
 app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
+tune_app = typer.Typer(no_args_is_help=True, help="Tune a stage's hyperparameters with Optuna (workers share "
+                       "one study through --storage).")
+app.add_typer(tune_app, name="tune")
 
 @app.callback()
 def _options(trust_unverified: bool = typer.Option(
@@ -469,6 +472,76 @@ def evaluate_privacy_cmd(
     typer.echo(f"{a['flagged']} of {a['samples']} fresh samples flagged ({100 * a['share_flagged']:.1f} %); "
                f"membership AUC prior {p['auc']:.3f} (TPR at 1 % FPR {p['tpr_at_1pct_fpr']:.3f}), autoencoder "
                f"{e['auc']:.3f} ({e['tpr_at_1pct_fpr']:.3f}) -> {bundle / 'metrics.json'}")
+
+
+TrialsOpt = typer.Option(10, "--trials", min=1, help="trials this worker runs (the study holds every worker's)")
+StorageOpt = typer.Option(None, "--storage", help="Optuna RDB URL shared by the workers: sqlite:///PATH.db, "
+                          "postgresql://USER@HOST/DB (default: sqlite in --out)")
+BudgetOpt = typer.Option(200, "--budget-steps", min=1, help="optimiser steps per trial")
+ReportsOpt = typer.Option(4, "--reports", min=1, help="validations per trial (reported to the pruner)")
+PrunerOpt = typer.Option("median", "--pruner", help="median (Optuna's MedianPruner) or none")
+TuneSeedOpt = typer.Option(None, "--seed", help="sampler seed (reproducible with one worker; unset with several)")
+
+
+def _tune(stage: str, out: Path, **kwargs) -> None:
+    from synthbrain.tuning import BEST_CONFIG, SUMMARY_HTML, TuneSettings, tune
+
+    settings = TuneSettings(stage=stage, trials=kwargs.pop("trials"), budget_steps=kwargs.pop("budget_steps"),
+                            reports=kwargs.pop("reports"), pruner=kwargs.pop("pruner"), seed=kwargs.pop("seed"))
+    with progress(f"tune {stage}") as on_step:
+        d = tune(stage, out=out, settings=settings, on_step=on_step, **kwargs)
+    best = d["best"]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
+    typer.echo(f"study {d['study']}: {counts}; "
+               + (f"best trial {best['number']} ({d['metric']} {best['value']:.4g}) -> {out / BEST_CONFIG}, "
+                  if best else "no completed trial yet; ")
+               + f"summary {out / SUMMARY_HTML}")
+
+
+@tune_app.command("autoencoder")
+def tune_autoencoder_cmd(
+    data: Path = typer.Option(..., "--data", help="BIDS dataset"),
+    trials: int = TrialsOpt,
+    storage: str | None = StorageOpt,
+    study: str = typer.Option("synthbrain-autoencoder", "--study", help="study name in the storage"),
+    budget_steps: int = BudgetOpt,
+    out: Path = typer.Option(Path("tune-autoencoder"), "--out", help="trial runs, tuning.json/.html, best-config.json"),
+    config: Path | None = typer.Option(None, "--config", help="base config (JSON) the search starts from"),
+    grid: str = GridOpt,
+    reports: int = ReportsOpt,
+    pruner: str = PrunerOpt,
+    seed: int | None = TuneSeedOpt,
+    device: str = TrainDeviceOpt,
+    condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+) -> None:
+    """Search learning rate, width, codebook size and dimension and loss weights of the VQ-VAE: short
+    trials, pruned on validation PSNR; the best config goes to OUT/best-config.json."""
+    _tune("autoencoder", out, data=data, trials=trials, storage=storage, study_name=study, budget_steps=budget_steps,
+          base_config=config, grid=grid, reports=reports, pruner=pruner, seed=seed, device=device,
+          extra_conditions=condition)
+
+
+@tune_app.command("prior")
+def tune_prior_cmd(
+    bundle: Path = typer.Option(..., "--bundle", help="bundle with a trained autoencoder"),
+    data: Path = typer.Option(..., "--data", help="BIDS dataset with the conditions in participants.tsv"),
+    trials: int = TrialsOpt,
+    storage: str | None = StorageOpt,
+    study: str = typer.Option("synthbrain-prior", "--study", help="study name in the storage"),
+    budget_steps: int = BudgetOpt,
+    out: Path = typer.Option(Path("tune-prior"), "--out", help="trial runs, tuning.json/.html, best-config.json"),
+    config: Path | None = typer.Option(None, "--config", help="base config (JSON) the search starts from"),
+    reports: int = ReportsOpt,
+    pruner: str = PrunerOpt,
+    seed: int | None = TuneSeedOpt,
+    device: str = TrainDeviceOpt,
+    condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+) -> None:
+    """Search learning rate, UNet width, attention levels, residual blocks and condition dropout of the
+    prior: short trials, pruned on the validation loss; the best config goes to OUT/best-config.json."""
+    _tune("prior", out, data=data, bundle=bundle, trials=trials, storage=storage, study_name=study,
+          budget_steps=budget_steps, base_config=config, reports=reports, pruner=pruner, seed=seed, device=device,
+          extra_conditions=condition)
 
 
 @app.command("app")

@@ -16,6 +16,7 @@ from synthbrain.errors import ConfigError
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLossConfig
 from synthbrain.training.loop import (
     DistContext,
+    OnValidate,
     TrainConfig,
     Trainer,
     check_run_dir,
@@ -183,7 +184,8 @@ def resolve_config(run_dir: Path, resume: bool, config_file: Path | None, overri
 
 def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", steps: int | None = None,
                       resume: bool = False, config_file: Path | None = None, device: str | None = None,
-                      on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
+                      on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
+                      on_validate: OnValidate | None = None) -> Path:
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
     from synthbrain.bundle import export_stage, new_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
@@ -218,7 +220,8 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
         model = Autoencoder(cfg.model)
         stage = AutoencoderStage(model, cfg, dev, dist)
         trainer = Trainer(stage, lambda idx: train_vols[idx], len(train_vols),
-                          [v[None] for v in val_vols[:VAL_DURING_TRAINING]], cfg.train, run_dir, dev, dist, on_step)
+                          [v[None] for v in val_vols[:VAL_DURING_TRAINING]], cfg.train, run_dir, dev, dist, on_step,
+                          on_validate)
         val = trainer.fit(resume=resume)
         bundle_dir = run_dir / "bundle"
         if dist.is_main:

@@ -30,6 +30,8 @@ from synthbrain.errors import ConfigError, SynthBrainError
 from synthbrain.training import checkpoint as ckpt
 
 OnStep = Callable[[int, int, dict], None]
+# called with (step, validation metrics) after each validation; it may stop the run by raising
+OnValidate = Callable[[int, dict], None]
 
 
 @dataclass(frozen=True)
@@ -293,11 +295,13 @@ class Trainer:
 
     def __init__(self, stage: Stage, get_batch: Callable[[list[int]], Any], n_train: int,
                  val_batches: Sequence[Any], config: TrainConfig, run_dir: Path, device: torch.device,
-                 dist: DistContext | None = None, on_step: OnStep | None = None) -> None:
+                 dist: DistContext | None = None, on_step: OnStep | None = None,
+                 on_validate: OnValidate | None = None) -> None:
         self.stage, self.get_batch, self.val_batches = stage, get_batch, val_batches
         self.config, self.run_dir, self.device = config, Path(run_dir), device
         self.dist = dist or DistContext()
         self.on_step = on_step
+        self.on_validate = on_validate
         self.sampler = EpochSampler(n_train, config.seed, self.dist)
         self.amp_dtype = autocast_dtype(config, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -432,6 +436,8 @@ class Trainer:
             if self.val_batches and cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                 last_val = self._validate()
                 log.write(self.step, "val", last_val)
+                if self.on_validate is not None:  # on every rank: a tuner's pruning decision is collective
+                    self.on_validate(self.step, last_val)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
             if self.on_step is not None and self.dist.is_main:
@@ -482,4 +488,3 @@ def load_config_file(path: Path | None) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: must hold a JSON object")
     return d
-

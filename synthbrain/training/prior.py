@@ -19,6 +19,7 @@ from synthbrain.models.prior import Prior, PriorConfig
 from synthbrain.training.autoencoder import command_line, resolve_config, run_commands, write_run_json
 from synthbrain.training.loop import (
     DistContext,
+    OnValidate,
     TrainConfig,
     Trainer,
     check_run_dir,
@@ -142,7 +143,8 @@ def cached_latents(run_dir: Path, autoencoder, dataset, device, sha: str, on_ste
 
 def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: int | None = None,
                 resume: bool = False, config_file: Path | None = None, device: str | None = None,
-                on_step: OnStep | None = None, extra_conditions: Sequence[str] = ()) -> Path:
+                on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
+                on_validate: OnValidate | None = None) -> Path:
     """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
     from synthbrain.bundle import copy_bundle, export_stage, load_bundle, read_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
@@ -179,7 +181,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
         stage = PriorStage(prior, cfg, scale, dev, dist)
         val_batches = [(latents[va[i:i + 16]], conds[va[i:i + 16]]) for i in range(0, len(va), 16)]
         trainer = Trainer(stage, lambda idx: (latents[tr[idx]], conds[tr[idx]]), len(tr), val_batches,
-                          cfg.train, run_dir, dev, dist, on_step)
+                          cfg.train, run_dir, dev, dist, on_step, on_validate)
         val = trainer.fit(resume=resume)
         out_bundle = run_dir / "bundle"
         if dist.is_main:

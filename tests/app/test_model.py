@@ -47,3 +47,37 @@ def test_training_curves_come_from_the_bundles_training_log(monkeypatch, tmp_pat
     (fig,) = [f for f in figs if f["layout"]["title"]["text"] == "prior: loss"]
     ys = sorted(float(v) for trace in fig["data"] for v in plotly_array(trace["y"]))
     assert ys == [0.5, 0.7, 0.9]
+
+
+def test_tuning_summary_beside_the_trained_config_is_shown(monkeypatch, tmp_path):
+    """A bundle trained with `--config TUNE/best-config.json` shows that study: table and figures."""
+    import optuna
+
+    from synthbrain.tuning import write_summary
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="ae", direction="maximize")
+    base = {"train": {"steps": 100, "lr": 1e-3}, "model": {}, "loss": {}}
+    for attr, value in {"stage": "autoencoder", "metric": "psnr", "budget_steps": 20, "base_config": base}.items():
+        study.set_user_attr(attr, value)
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+            "width": optuna.distributions.CategoricalDistribution([0.5, 1.0, 2.0])}
+    for lr, width, psnr in ((1e-4, 0.5, 20.0), (1e-3, 1.0, 24.0), (3e-3, 2.0, 22.5)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "width": width}, distributions=dist, value=psnr, intermediate_values={20: psnr},
+            user_attrs={"config": {**base, "train": {"steps": 20, "lr": lr}}, "steps": 20}))
+    write_summary(study, tmp_path / "tune", storage)
+
+    folder = shutil.copytree(demo_bundle_path(), tmp_path / "runs" / "bundle")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["autoencoder"]["commands"] = [f"synthbrain train autoencoder --config {tmp_path / 'tune' / 'best-config.json'}"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
+    at = open_page("model")
+    assert not at.exception
+    said = texts(at)
+    assert "Optuna study `ae`" in said and "best trial 1, psnr 24" in said, said
+    (table,) = [frame(d.value) for d in at.dataframe if "psnr" in d.value.columns]
+    assert table["psnr"] == [20.0, 24.0, 22.5] and table["width"] == [0.5, 1.0, 2.0]
+    titles = {json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")}
+    assert {"Optimization History Plot", "Hyperparameter Importances"} <= titles

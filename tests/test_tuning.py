@@ -1,0 +1,110 @@
+"""``synthbrain tune``: Optuna workers sharing one SQLite study, pruning, and the exported best config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+from conftest import TINY_AUTOENCODER, TINY_PRIOR, subprocess_env, write_json
+
+from synthbrain.tuning import BEST_CONFIG, SUMMARY, SUMMARY_HTML, TuneSettings, read_summary, tune
+
+
+@pytest.fixture
+def prepared_cohort(tiny_cohort, tmp_path):
+    """A private copy of the tiny cohort, preprocessed (as `synthbrain preprocess` leaves it)."""
+    from synthbrain.data.bids import BIDSDataset
+
+    data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
+    BIDSDataset(data, grid="tiny").prepare()
+    return data
+
+
+def _tune_cmd(data, out, storage, config, *extra):
+    return [sys.executable, "-m", "synthbrain", "tune", "autoencoder", "--data", str(data), "--grid", "tiny",
+            "--config", str(config), "--trials", "1", "--budget-steps", "2", "--reports", "2", "--storage", storage,
+            "--study", "shared", "--out", str(out), "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study_and_the_best_config_trains(prepared_cohort, tmp_path):
+    """Two `synthbrain tune` processes started together against one new SQLite file (they also race to
+    create its tables): both trials land, each with its reports; the exported config trains."""
+    config = write_json(tmp_path / "base.json", TINY_AUTOENCODER)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "tune"
+    env = subprocess_env()
+    workers = [subprocess.Popen(_tune_cmd(prepared_cohort, out, storage, config, "--pruner", "none"), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(w.wait(timeout=600), *w.communicate()) for w in workers]
+    for rc, _, err in results:
+        assert rc == 0, err
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1]  # one trial from each worker, none lost or doubled
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    assert all(set(t.intermediate_values) == {1, 2} for t in trials)  # a report at each validation
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 2
+
+    d = read_summary(out / SUMMARY)
+    assert d["counts"] == {"complete": 2} and {"history", "importances"} <= set(d["figures"])
+    best = max(trials, key=lambda t: t.value)
+    assert d["best"]["number"] == best.number
+    assert "tuning-history" in (out / SUMMARY_HTML).read_text()
+    assert not list(out.glob("trials/*/checkpoints"))
+
+    exported = json.loads((out / BEST_CONFIG).read_text())
+    assert exported["train"]["steps"] == TINY_AUTOENCODER["train"]["steps"]  # the base's length, not the budget
+    assert exported["train"]["lr"] == pytest.approx(best.params["lr"])
+    from typer.testing import CliRunner
+
+    from synthbrain.cli import app
+
+    run = CliRunner().invoke(app, ["train", "autoencoder", "--data", str(prepared_cohort), "--grid", "tiny",
+                                   "--config", str(out / BEST_CONFIG), "--steps", "2", "--out", str(tmp_path / "best"),
+                                   "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    trained = json.loads((tmp_path / "best" / "bundle" / "config.json").read_text())["autoencoder"]["config"]
+    assert trained["num_embeddings"] == best.params["num_embeddings"]
+    assert trained["embedding_dim"] == best.params["embedding_dim"]
+
+
+def test_a_pruned_trial_is_recorded_as_pruned(prepared_cohort, tmp_path):
+    """A pruner that stops every trial at its first report (PSNR below 1e9 dB): the trial ends PRUNED
+    at step 1, its checkpoints are gone, and there is no best config to export."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = TuneSettings(stage="autoencoder", trials=1, budget_steps=4, reports=4)
+    d = tune("autoencoder", prepared_cohort, tmp_path / "tune", settings, storage=storage, study_name="p",
+             base_config=write_json(tmp_path / "base.json", TINY_AUTOENCODER), grid="tiny", device="cpu",
+             pruner=optuna.pruners.ThresholdPruner(lower=1e9))
+    (trial,) = optuna.load_study(study_name="p", storage=storage).get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1]
+    assert d["counts"] == {"pruned": 1} and d["best"] is None
+    assert not (tmp_path / "tune" / BEST_CONFIG).exists()
+    assert not (tmp_path / "tune" / "trials" / "trial-0000" / "checkpoints").exists()
+
+
+def test_prior_trials_share_the_encoded_latents_and_refuse_another_stages_study(tiny_bundle, prepared_cohort,
+                                                                              tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    base = write_json(tmp_path / "prior.json", TINY_PRIOR)
+    settings = TuneSettings(stage="prior", trials=2, budget_steps=2, reports=1, pruner="none", seed=0)
+    d = tune("prior", prepared_cohort, tmp_path / "tune", settings, storage=storage, study_name="s",
+             base_config=base, bundle=tiny_bundle, device="cpu")
+    assert d["counts"] == {"complete": 2} and d["direction"] == "minimize" and d["metric"] == "loss"
+    trials = tmp_path / "tune" / "trials"
+    shared = (tmp_path / "tune" / "latents.safetensors").stat()
+    assert all((trials / t / "latents.safetensors").stat().st_ino == shared.st_ino
+               for t in ("trial-0000", "trial-0001"))  # encoded once, linked into each trial
+    cfg = json.loads((tmp_path / "tune" / BEST_CONFIG).read_text())
+    assert set(cfg) == {"train", "model", "ema_decay"} and cfg["ema_decay"] == 0.999  # the base's EMA, not the trial's
+    # the same study name asked for by the other stage is refused with a message
+    ae = TuneSettings(stage="autoencoder", trials=1, budget_steps=2)
+    with pytest.raises(Exception, match="made with stage 'prior'"):
+        tune("autoencoder", prepared_cohort, tmp_path / "tune2", ae, storage=storage, study_name="s", grid="tiny")
