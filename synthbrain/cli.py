@@ -52,6 +52,25 @@ DeviceOpt = typer.Option("auto", "--device", callback=_pick_device, help=DEVICE_
 TrainDeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP)
 
 
+def _out_file(value: Path | None, suffixes: tuple[str, ...] = ()) -> Path | None:
+    from synthbrain.outputs import check_output_file
+
+    return None if value is None else check_output_file(value, suffixes)
+
+
+def _out_folder(value: Path) -> Path:
+    from synthbrain.outputs import check_output_folder
+
+    return check_output_folder(value)
+
+
+def OutOpt(default, help: str, kind: str = "folder", suffixes: tuple[str, ...] = ()):  # noqa: N802 (an option)
+    """--out, checked while the command line is parsed and before any other option (eager): a path
+    that cannot be written fails at once, not after the work (or after another option imports torch)."""
+    check = _out_folder if kind == "folder" else lambda v: _out_file(v, suffixes)
+    return typer.Option(default, "--out", help=help, is_eager=True, callback=check)
+
+
 def _err(message: str) -> None:
     typer.echo(f"synthbrain: error: {message}", err=True)
 
@@ -121,13 +140,9 @@ def _expand_inputs(paths: list[Path]) -> list[Path]:
 @app.command()
 def measure(
     paths: list[Path] = typer.Argument(..., help="NIfTI files (brain-extracted T1 in MNI space) or folders"),
-    out: Path | None = typer.Option(None, "--out", help="write the table as TSV here"),
+    out: Path | None = OutOpt(None, "write the table as TSV here", kind="file"),
 ) -> None:
     """Brain and ventricular volume (mL) of T1 volumes, from the image alone."""
-    from synthbrain.outputs import check_output_file
-
-    if out is not None:
-        check_output_file(out)
     from synthbrain.data.bids import tsv_text
     from synthbrain.io import atomic_write, read_volume
     from synthbrain.measure import measure_volume
@@ -167,7 +182,7 @@ def preprocess(
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(
     data: Path = typer.Option(..., "--data", help="BIDS dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
-    out: Path = typer.Option(..., "--out", help="run folder: checkpoints, metrics.csv, and the bundle in out/bundle"),
+    out: Path = OutOpt(..., "run folder: checkpoints, metrics.csv, and the bundle in out/bundle"),
     grid: str = GridOpt,
     steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
@@ -176,9 +191,6 @@ def train_autoencoder_cmd(
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
-    from synthbrain.outputs import check_output_folder
-
-    check_output_folder(out)
     from synthbrain.training.autoencoder import train_autoencoder
 
     with progress("train autoencoder") as on_step:
@@ -198,7 +210,7 @@ def _rank0_echo(text: str) -> None:
 def train_prior_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="bundle with a trained autoencoder"),
     data: Path = typer.Option(..., "--data", help="BIDS dataset with the conditions in participants.tsv"),
-    out: Path = typer.Option(..., "--out", help="run folder; the bundle with the prior goes to out/bundle"),
+    out: Path = OutOpt(..., "run folder; the bundle with the prior goes to out/bundle"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="optimiser steps (default from config)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
     config: Path | None = typer.Option(None, "--config", help="JSON with train / model sections"),
@@ -206,9 +218,6 @@ def train_prior_cmd(
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
-    from synthbrain.outputs import check_output_folder
-
-    check_output_folder(out)
     from synthbrain.training.prior import train_prior
 
     with progress("train prior") as on_step:
@@ -225,15 +234,12 @@ PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs and 
 def reconstruct(
     path: Path = typer.Argument(..., help="T1 NIfTI in MNI space (brain-extracted)"),
     bundle: Path | None = BundleOpt,
-    out: Path = typer.Option(..., "--out", help="reconstruction .nii.gz"),
+    out: Path = OutOpt(..., "reconstruction .nii.gz", kind="file", suffixes=(".nii.gz", ".nii")),
     device: str = DeviceOpt,
 ) -> None:
     """Preprocess, encode, quantise and decode a scan; prints PSNR and SSIM against the preprocessed input.
     The reconstruction is *derived* data (it carries the scanned person's anatomy): its header and
     sidecar say so, and name the scan by a digest of its voxels only, never by file name."""
-    from synthbrain.outputs import check_output_file
-
-    check_output_file(out, suffixes=(".nii.gz", ".nii"))
     from synthbrain.bundle import load_bundle
     from synthbrain.export import DERIVED, kind, sidecar
     from synthbrain.io import read_volume, write_volume
@@ -263,7 +269,7 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="sample i uses seed + i"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
-    out: Path = typer.Option(..., "--out", help="folder for the BIDS-like synthetic dataset"),
+    out: Path = OutOpt(..., "folder for the BIDS-like synthetic dataset"),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     no_measure: bool = typer.Option(False, "--no-measure", help="skip measuring the samples' volumes"),
@@ -271,9 +277,6 @@ def sample(
     """Sample synthetic brains for requested conditions. An unspecified volume takes the value typical of
     the requested age and sex in the model's training population; other unspecified conditions the
     schema's typical value."""
-    from synthbrain.outputs import check_output_folder
-
-    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.sampling import Generator, write_samples
     from synthbrain.training.loop import pick_device
@@ -363,16 +366,13 @@ def audit(
                                         "(default: the prior's held-out subjects in --train, else a fraction)"),
     holdout_fraction: float = typer.Option(0.1, "--holdout-fraction", help="share of --train held out for "
                                            "calibration when neither --holdout nor recorded held-out subjects exist"),
-    out: Path = typer.Option(..., "--out", help="report folder: report.json, report.html, pairs/*.png"),
+    out: Path = OutOpt(..., "report folder: report.json, report.html, pairs/*.png"),
     max_shift: int = AuditShiftOpt,
     jobs: int = typer.Option(2, "--jobs", min=1, help="threads for the search"),
     device: str = DeviceOpt,
 ) -> None:
     """Memorisation audit: each sample's nearest training subject (image and embedding), thresholds
     calibrated on held-out real subjects; flags samples closer to a training subject than any of them."""
-    from synthbrain.outputs import check_output_folder
-
-    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings, holdout_split, read_samples, write_report
     from synthbrain.privacy import audit as run_audit
@@ -401,7 +401,7 @@ def release(
                                    "conditions (one row per subject)"),
     train: Path = typer.Option(..., "--train", help="BIDS dataset the bundle was trained on (for the audit)"),
     holdout: Path | None = typer.Option(None, "--holdout", help="held-out real subjects (calibration)"),
-    out: Path = typer.Option(..., "--out", help="new folder for the release (or a release to resume)"),
+    out: Path = OutOpt(..., "new folder for the release (or a release to resume)"),
     seed: int = typer.Option(0, "--seed"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="guidance scale (default: the bundle's)"),
@@ -410,9 +410,6 @@ def release(
     precision: str = PrecisionOpt,
 ) -> None:
     """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable)."""
-    from synthbrain.outputs import check_output_folder
-
-    check_output_folder(out)
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings
     from synthbrain.privacy import release as run

@@ -58,6 +58,10 @@ def test_save_load_round_trip_through_files_changes_nothing(tiny_bundle, tmp_pat
 
     theirs, mine = outputs_in_a_fresh_process(copy), outputs_in_a_fresh_process(tiny_bundle)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # and they are the outputs of the networks that were saved, computed here before the save (to
+    # float tolerance: this process has other threads): a load that dropped weights would differ
+    here = _outputs(a)
+    assert all(torch.allclose(here[k], theirs[k], rtol=1e-4, atol=1e-5) for k in here)
     # and a fresh network differs, so the comparison above means something
     fresh = Autoencoder(a.autoencoder.config).eval()
     x = torch.rand(1, 1, *a.grid.shape, generator=torch.Generator().manual_seed(0))

@@ -110,7 +110,29 @@ def canvas_pixels(locator) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB"))
 
 
-def assert_drawn(pixels: np.ndarray, what: str) -> None:
+def is_drawn(pixels: np.ndarray) -> bool:
     """Not blank: a drawn brain has many non-black pixels and real contrast."""
+    return bool((pixels.max(axis=2) > 40).mean() > 0.05 and pixels.std() > 15)
+
+
+def assert_drawn(pixels: np.ndarray, what: str) -> None:
     lit = (pixels.max(axis=2) > 40).mean()
-    assert lit > 0.05 and pixels.std() > 15, f"{what} looks blank: {lit:.1%} lit pixels, std {pixels.std():.1f}"
+    assert is_drawn(pixels), f"{what} looks blank: {lit:.1%} lit pixels, std {pixels.std():.1f}"
+
+
+def until(condition, what: str, timeout_s: float = 60.0):
+    """Poll ``condition()`` until it is truthy and return its value (a canvas redraws a frame or two
+    after its data arrive); ``timeout_s`` only bounds a hang, the test waits for the condition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def wait_drawn(canvas, what: str) -> np.ndarray:
+    """The canvas's pixels once it shows a drawn brain."""
+    pixels = until(lambda: (lambda p: p if is_drawn(p) else None)(canvas_pixels(canvas)), f"{what} is drawn")
+    return pixels

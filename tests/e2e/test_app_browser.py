@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .e2e_helpers import assert_drawn, canvas_pixels, open_app_page, viewer_frame, wait_for_script
+from .e2e_helpers import canvas_pixels, open_app_page, until, viewer_frame, wait_drawn, wait_for_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -46,10 +46,9 @@ def test_generate_draws_the_brain(page, server):
     assert f"age {start + 5:g} years" in page.inner_text("body")  # the moved slider reached the sampler
 
     frame = viewer_frame(page)
-    page.wait_for_timeout(500)  # one more animation frame after the files are in
+    wait_drawn(frame.locator('canvas[data-panel="0"]'), "slice viewer")
+    wait_drawn(viewer_frame(page, 1).locator('canvas[data-panel="0"]'), "3D view")
     page.screenshot(path="/tmp/synthbrain-e2e-generate.png")
-    assert_drawn(canvas_pixels(frame.locator('canvas[data-panel="0"]')), "slice viewer")
-    assert_drawn(canvas_pixels(viewer_frame(page, 1).locator('canvas[data-panel="0"]')), "3D view")
 
     # the NIfTI download (made on click) holds the volume and its sidecar
     with page.expect_download() as dl:
@@ -67,20 +66,17 @@ def test_generate_draws_the_brain(page, server):
     assert re.search(mm + r" · voxel \[\d+, \d+, \d+\] · intensity \d\.\d+", before), before
     box = frame.locator('canvas[data-panel="0"]').bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.3)
-    page.wait_for_timeout(500)
-    assert readout.inner_text() != before
+    until(lambda: readout.inner_text() != before, "the readout follows the click")
 
     # window/level: a lower level makes the same slices brighter
     canvas = frame.locator('canvas[data-panel="0"]')
     brightness = canvas_pixels(canvas).mean()
     frame.locator("[data-control=level]").evaluate("e => { e.value = e.min; e.dispatchEvent(new Event('input')); }")
-    page.wait_for_timeout(500)
-    assert canvas_pixels(canvas).mean() > brightness + 5
+    until(lambda: canvas_pixels(canvas).mean() > brightness + 5, "a lower level brightens the slices")
     # radiological convention mirrors left and right
     plain = canvas_pixels(canvas)
     frame.locator("[data-control=radiological]").check()
-    page.wait_for_timeout(500)
-    assert np.abs(canvas_pixels(canvas).astype(int) - plain).mean() > 2
+    until(lambda: np.abs(canvas_pixels(canvas).astype(int) - plain).mean() > 2, "radiological view mirrors")
 
 
 def upload_on_compare(page, server, path) -> None:
@@ -113,17 +109,17 @@ def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_pa
     assert "Latent values per voxel" in page.locator('[data-testid="stTable"]').nth(1).inner_text()
 
     frame = viewer_frame(page)
-    page.wait_for_timeout(500)
-    page.screenshot(path="/tmp/synthbrain-e2e-compare.png")
     for i in (0, 1):
-        assert_drawn(canvas_pixels(frame.locator(f'canvas[data-panel="{i}"]')), f"panel {i}")
+        wait_drawn(frame.locator(f'canvas[data-panel="{i}"]'), f"panel {i}")
+    page.screenshot(path="/tmp/synthbrain-e2e-compare.png")
     # a click in the reconstruction moves the original's crosshair to the same point
     box = frame.locator('canvas[data-panel="1"]').bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
-    page.wait_for_timeout(700)
     left, right = (frame.locator(f'[data-readout="{i}"]') for i in (0, 1))
-    mm_left, mm_right = (np.array(json.loads(r.get_attribute("data-mm"))) for r in (left, right))
-    np.testing.assert_allclose(mm_left, mm_right, atol=1e-3)
+    start = left.get_attribute("data-mm")
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    until(lambda: left.get_attribute("data-mm") != start, "the original's crosshair moves with the click")
+    mm = lambda r: np.array(json.loads(r.get_attribute("data-mm")))  # noqa: E731
+    until(lambda: np.allclose(mm(left), mm(right), atol=1e-3), "both crosshairs at the clicked point")
     assert "difference" in right.inner_text()
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from .e2e_helpers import assert_drawn, canvas_pixels, open_app_page, viewer_frame, wait_for_script
+from .e2e_helpers import canvas_pixels, is_drawn, open_app_page, until, viewer_frame, wait_drawn, wait_for_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -19,17 +19,18 @@ def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
     page.get_by_text("Measured volumes along the series").wait_for(timeout=120_000)
     wait_for_script(page)
     frame = viewer_frame(page)
-    page.wait_for_timeout(500)
-    page.screenshot(path="/tmp/synthbrain-e2e-trajectories.png")
     canvas = frame.locator('canvas[data-panel="0"]')
-    assert_drawn(canvas_pixels(canvas), "trajectory viewer")
+    wait_drawn(canvas, "trajectory viewer")
+    page.screenshot(path="/tmp/synthbrain-e2e-trajectories.png")
     assert page.locator('[data-testid="stImage"] img').count() == 1  # the GIF preview
 
     box = canvas.bounding_box()
-    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
-    page.wait_for_timeout(500)
     readout = frame.locator('[data-readout="0"]')
+    centre = readout.get_attribute("data-mm")
+    page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
+    until(lambda: readout.get_attribute("data-mm") != centre, "the crosshair moves to the click")
     before = np.array(json.loads(readout.get_attribute("data-mm")))
+    frame_1 = canvas_pixels(canvas)
     assert "Frame 1 of 5" in page.inner_text("body")
     thumb = page.locator('[data-testid="stSlider"]').filter(has_text="age 45 years").locator("input[type=range]")
     thumb.focus()
@@ -37,9 +38,10 @@ def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
     page.get_by_text("Frame 2 of 5").wait_for()
     wait_for_script(page)
     frame.locator('body[data-ready="1"]').wait_for()
-    page.wait_for_timeout(500)
+    # the condition: the older brain is on screen (its slices differ from frame 1's)
+    until(lambda: (lambda p: is_drawn(p) and np.abs(p.astype(int) - frame_1).mean() > 0.5)(canvas_pixels(canvas)),
+          "frame 2 is drawn")
     np.testing.assert_allclose(np.array(json.loads(readout.get_attribute("data-mm"))), before, atol=1e-3)
-    assert_drawn(canvas_pixels(canvas), "trajectory viewer, frame 2")
 
     page.get_by_text("Play", exact=True).click()
     page.get_by_text("Frame 4 of 5").wait_for(timeout=30_000)  # moves on by itself
@@ -72,6 +74,7 @@ def test_no_page_sends_a_request_off_this_machine(page, server):
     page.on("request", lambda r: hosts.append(urlsplit(r.url).hostname or r.url.split(":")[0]))
     for path in PAGES:
         open_app_page(page, server.url, path)
-    page.wait_for_timeout(1500)  # late requests (the favicon, lazily loaded fonts)
+    page.wait_for_load_state("networkidle")  # late requests (the favicon, lazily loaded fonts) are made
+    page.evaluate("document.fonts.ready.then(() => true)")
     assert hosts and "127.0.0.1" in hosts
     assert sorted(set(hosts) - {"127.0.0.1", "data", "blob"}) == []
