@@ -37,6 +37,12 @@ def test_two_ranks_of_batch_one_train_like_one_process_of_batch_two(tiny_cohort,
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
     ddp, single, control = (load_file(str(tmp_path / n / "bundle" / "autoencoder.safetensors"))
                             for n in ("ddp", "single", "control"))
+    # each rank's RNG state is in the checkpoint (gathered to rank 0), and the run resumes in one process
+    (last,) = sorted((tmp_path / "ddp" / "checkpoints").glob("step-*"))[-1:]
+    assert {"rng/rank0/torch", "rng/rank1/torch"} <= set(load_file(str(last / "tensors.safetensors")))
+    subprocess.run([sys.executable, "-m", "synthbrain", *args, "--out", str(tmp_path / "ddp"), "--resume",
+                    "--steps", "8"], check=True, env=subprocess_env(), capture_output=True)
+    assert json.loads((tmp_path / "ddp" / "bundle" / "config.json").read_text())["autoencoder"]["steps_trained"] == 8
     for k in single:
         d_ddp = (ddp[k] - single[k]).abs().max().item()
         d_control = (control[k] - single[k]).abs().max().item()
