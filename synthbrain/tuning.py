@@ -149,7 +149,7 @@ def storage_for(url: str):
     """An Optuna ``RDBStorage`` for ``url`` with heartbeats (a trial whose worker died is failed after two
     minutes and queued again once) and, for SQLite, a long busy timeout (workers write to one file)."""
     import optuna
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ArgumentError, OperationalError
 
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
@@ -164,8 +164,8 @@ def storage_for(url: str):
             except OperationalError as e:
                 if attempt == 4 or "already exists" not in str(e) and "locked" not in str(e):
                     raise ConfigError(f"--storage {safe_url(url)}: {' '.join(str(e.orig).split())}") from None
-            except (ValueError, ImportError) as e:
-                raise ConfigError(f"--storage {safe_url(url)}: {e}") from None
+            except (ValueError, ImportError, ArgumentError) as e:  # a malformed URL, an unknown or missing driver
+                raise ConfigError(f"--storage {safe_url(url)}: {' '.join(str(e).split())}") from None
 
 
 def safe_url(url: str) -> str:

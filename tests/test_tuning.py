@@ -108,3 +108,17 @@ def test_prior_trials_share_the_encoded_latents_and_refuse_another_stages_study(
     ae = TuneSettings(stage="autoencoder", trials=1, budget_steps=2)
     with pytest.raises(Exception, match="made with stage 'prior'"):
         tune("autoencoder", prepared_cohort, tmp_path / "tune2", ae, storage=storage, study_name="s", grid="tiny")
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("bogus://x", "Can't load plugin"),
+    ("sqlite:////proc/no-such-folder/study.db", "unable to open database file"),
+])
+def test_a_bad_storage_is_one_line_and_exit_2(tiny_cohort, tmp_path, monkeypatch, capsys, storage, message):
+    from synthbrain.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["synthbrain", "tune", "autoencoder", "--data", str(tiny_cohort.root), "--grid",
+                                      "tiny", "--storage", storage, "--out", str(tmp_path / "t"), "--trials", "1"])
+    assert main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("synthbrain: error: --storage") and message in err and "\n" not in err
