@@ -134,5 +134,6 @@ def until(condition, what: str, timeout_s: float = 60.0):
 
 def wait_drawn(canvas, what: str) -> np.ndarray:
     """The canvas's pixels once it shows a drawn brain."""
-    pixels = until(lambda: (lambda p: p if is_drawn(p) else None)(canvas_pixels(canvas)), f"{what} is drawn")
-    return pixels
+    seen: list[np.ndarray] = []
+    until(lambda: is_drawn(seen.append(canvas_pixels(canvas)) or seen[-1]), f"{what} is drawn")
+    return seen[-1]
