@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shlex
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -450,7 +451,10 @@ def find_summary(bundle_path: Path | None, config: dict | None = None) -> Path |
     places = [bundle_path / SUMMARY, bundle_path.parent / SUMMARY]
     for stage in STAGES:
         for command in ((config or {}).get(stage) or {}).get("commands", []) or []:
-            parts = command.split()
+            try:
+                parts = shlex.split(command)  # the command line as training recorded it (shlex-quoted)
+            except ValueError:
+                continue
             for flag, value in zip(parts, parts[1:]):
                 if flag == "--config":
                     places.append(Path(value).expanduser().parent / SUMMARY)
