@@ -120,14 +120,38 @@ with right:
     st.caption("Outputs are synthetic: sampled from a generative model, not scans of any person.")
 
 # -------------------------------------------------------------------------------------- gallery
+
+
+def show_item(number: int) -> None:
+    st.session_state[CURRENT] = number
+
+
+def delete_item(number: int) -> None:
+    st.session_state[GALLERY] = [it for it in st.session_state.get(GALLERY, []) if it.number != number]
+    if st.session_state.get(CURRENT) == number:
+        st.session_state.pop(CURRENT, None)  # the newest left is shown
+    if number in st.session_state.get("gen_pair", []):
+        st.session_state["gen_pair"] = [n for n in st.session_state["gen_pair"] if n != number]
+
+
 st.divider()
 st.subheader(f"This session's samples ({len(gallery)})")
-st.caption(f"Kept in this browser session only (the most recent, up to {MAX_GALLERY}); nobody else sees them.")
+st.caption(f"Kept in this browser session only (the most recent, up to {MAX_GALLERY}); nobody else sees them. "
+           "Open one to see it above, download it as NIfTI + JSON sidecar, or delete it.")
 cols = st.columns(4)
 for i, it in enumerate(reversed(gallery)):
     with cols[i % 4]:
-        st.image(it.thumbnail, caption=f"Sample {it.number}: {it.short(schema)} · seed {it.sample.seed}",
-                 width="stretch")
+        st.image(it.thumbnail, caption=it.caption(schema), width="stretch")
+        b_open, b_dl, b_del = st.columns(3, gap="small")
+        shown = it.number == item.number
+        b_open.button("Shown" if shown else "Open", key=f"gen_open_{it.number}", disabled=shown,
+                      on_click=show_item, args=(it.number,), icon=":material/visibility:", width="stretch",
+                      help="Show this sample in the viewer above")
+        b_dl.download_button(".zip", data=lambda it=it: results.sample_zip(it), file_name=f"{it.stem}.zip",
+                             mime="application/zip", on_click="ignore", icon=":material/download:",
+                             key=f"gen_dl_{it.number}", width="stretch", help="NIfTI + JSON sidecar")
+        b_del.button("Delete", key=f"gen_del_{it.number}", on_click=delete_item, args=(it.number,),
+                     icon=":material/delete:", width="stretch", help="Remove it from this session")
 if len(gallery) >= 2:
     numbers = [it.number for it in gallery]
     pick = st.multiselect("Show two samples side by side (crosshair locked)", numbers, max_selections=2,
