@@ -71,10 +71,14 @@ def scan_picker(key: str, grid) -> Scan | None:
     digest = hashlib.sha256(data).hexdigest()[:16]
     cached = st.session_state.get(f"{key}_upload")
     if not cached or cached[0] != digest:
+        from synthbrain.data.prepare import require_prepared
         from synthbrain.io import volume_from_bytes
 
         try:
-            cached = (digest, volume_from_bytes(data, file.name), None)
+            volume = volume_from_bytes(data, file.name)
+            with st.spinner("Checking that the scan is brain-extracted and in MNI space…"):
+                require_prepared(volume, grid)  # a native-space or whole-head scan would give nonsense
+            cached = (digest, volume, None)
         except SynthBrainError as e:
             cached = (digest, None, str(e))
         st.session_state[f"{key}_upload"] = cached

@@ -144,6 +144,7 @@ def measure(
 ) -> None:
     """Brain and ventricular volume (mL) of T1 volumes, from the image alone."""
     from synthbrain.data.bids import tsv_text
+    from synthbrain.data.prepare import require_prepared
     from synthbrain.io import atomic_write, read_volume
     from synthbrain.measure import measure_volume
 
@@ -151,7 +152,9 @@ def measure(
     rows = []
     with progress("measure") as on_step:
         for i, f in enumerate(files):
-            m = measure_volume(read_volume(f))
+            vol = read_volume(f)
+            require_prepared(vol)  # a native-space or whole-head scan gives nonsense volumes: refused
+            m = measure_volume(vol)
             rows.append({"file": str(f), "brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
                          "intracranial_volume": m.intracranial_volume})
             on_step(i + 1, len(files), {"file": f.name})
@@ -177,6 +180,33 @@ def preprocess(
     with progress(f"preprocess ({grid})") as on_step:
         ds.prepare(on_step)
     typer.echo(f"preprocessed {len(ds)} subjects into {data / 'derivatives' / 'synthbrain'}")
+
+
+@app.command()
+def prepare(
+    inputs: list[Path] = typer.Argument(..., help="BIDS dataset folders (every sub-*) and/or T1w NIfTI files"),
+    grid: str = GridOpt,
+    out: Path | None = typer.Option(None, "--out", help="derivative dataset folder (default for one BIDS folder: "
+                                    "BIDS/derivatives/synthbrain, where training finds it)"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="subjects prepared at once (processes)"),
+    brain_extraction: str = typer.Option("auto", "--brain-extraction",
+                                         help="auto (deepbet when installed), deepbet, or template (the MNI152 "
+                                              "brain mask through the registration)"),
+) -> None:
+    """Bring native-space, whole-head T1s into MNI152 space on a grid: N4 bias correction, brain extraction,
+    rigid + affine registration, resampling, intensity normalisation. Writes BIDS derivatives, the transforms
+    (.tfm), a QC picture per subject and prepare-qc.tsv. Complete subjects are skipped (resumable); a subject
+    that fails is named and the others go on; the exit code is 1 when any failed."""
+    from synthbrain.data.prepare import prepare_dataset
+
+    with progress(f"prepare ({grid})") as on_step:
+        s = prepare_dataset(inputs, out, grid, jobs=jobs, brain_extraction=brain_extraction, on_step=on_step)
+    for label, message in s.failed.items():
+        _err(f"{label}: {message}")
+    typer.echo(f"prepared {len(s.prepared)} of {s.total} subjects ({len(s.skipped)} already complete, "
+               f"{len(s.failed)} failed) into {s.out}; QC table {s.qc_table}")
+    if s.failed:
+        raise typer.Exit(1)
 
 
 @train_app.command("autoencoder")

@@ -28,3 +28,7 @@ class ConfigError(SynthBrainError, ValueError):
 
 class OutputPathError(SynthBrainError, ValueError):
     """An output path that cannot be written (missing or read-only folder, a file where a folder goes)."""
+
+
+class UnpreparedVolumeError(InvalidVolumeError):
+    """A volume that is not a brain-extracted T1 in MNI152 space (the message says to run ``synthbrain prepare``)."""

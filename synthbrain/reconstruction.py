@@ -29,11 +29,17 @@ class Reconstruction:
 def reconstruct(
     bundle, volume: Volume, device: str | torch.device = "cpu", preprocessed: bool = False
 ) -> Reconstruction:
-    """Preprocess ``volume`` onto the bundle's grid (unless ``preprocessed``), encode, quantise, decode."""
+    """Preprocess ``volume`` onto the bundle's grid (unless ``preprocessed``), encode, quantise, decode.
+
+    A volume that is not a brain-extracted T1 in MNI space is refused first
+    (:class:`~synthbrain.errors.UnpreparedVolumeError`, saying to run ``synthbrain prepare``)."""
+    from synthbrain.data.prepare import require_prepared
     from synthbrain.data.preprocess import preprocess
     from synthbrain.metrics import reconstruction_metrics
 
     grid = bundle.grid
+    if not preprocessed:
+        require_prepared(volume, grid)
     pre = volume if preprocessed else preprocess(volume, grid)[0]
     ae = bundle.autoencoder.to(device).eval()
     x = torch.from_numpy(pre.data[None, None].copy()).to(device)

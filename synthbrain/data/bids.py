@@ -145,7 +145,10 @@ class BIDSDataset:
         return self.schema.encode(self.subjects[index].values)
 
     def preprocessed_path(self, index: int) -> Path:
-        """Preprocess subject ``index`` onto the grid unless a cache with the same source exists."""
+        """Preprocess subject ``index`` onto the grid unless a cache with the same source exists (as
+        ``synthbrain prepare`` writes one). A T1w that is not prepared (not in MNI space, or with a skull)
+        is refused with a message that says to run ``synthbrain prepare``."""
+        from synthbrain.data.prepare import require_prepared
         from synthbrain.data.preprocess import preprocess
         from synthbrain.io import read_volume, sidecar_path, write_volume
 
@@ -160,12 +163,14 @@ class BIDSDataset:
             except json.JSONDecodeError:
                 pass  # a damaged sidecar: preprocess again
         try:
-            vol, info = preprocess(read_volume(s.t1w), self.grid)
+            scan = read_volume(s.t1w)
+            checked = require_prepared(scan, self.grid)  # nothing unaligned or with a skull reaches a model
+            vol, info = preprocess(scan, self.grid)
         except SynthBrainError as e:
             raise DatasetError(f"{s.label}: {e}") from None
         write_volume(out, vol, description=f"SynthBrain preprocessed T1w ({self.grid.name} grid)",
                      sidecar={"Source": source, "Sources": [str(s.t1w.relative_to(self.root))],
-                              "SpatialReference": SPACE, **info.to_dict()})
+                              "SpatialReference": SPACE, **info.to_dict(), "PreparedCheck": checked.to_dict()})
         return out
 
     def prepare(self, on_step: OnStep | None = None) -> None:

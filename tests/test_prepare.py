@@ -1,0 +1,300 @@
+"""``synthbrain prepare`` and the prepared-volume check, on real files made from the MNI152 template:
+copies moved as a scanner would see them (rotated up to 15 degrees, shifted up to 20 mm, stored LPS,
+a 256 x 256 x 180 mm field of view, a bias field, a synthetic skull and scalp) are refused by every
+door before ``prepare`` and land on the template after it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import subprocess_env
+from nilearn.datasets import MNI152_FILE_PATH
+from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
+
+from synthbrain.data.bids import BIDSDataset, read_tsv
+from synthbrain.data.prepare import (
+    QC_COLUMNS,
+    QC_TABLE,
+    check_prepared,
+    output_paths,
+    prepare_dataset,
+    to_subject_space,
+)
+from synthbrain.data.template import load_template
+from synthbrain.errors import DatasetError, UnpreparedVolumeError
+from synthbrain.grids import DEMO
+from synthbrain.io import Volume, read_volume
+
+# ------------------------------------------------------------------------------ native-space copies
+
+
+def head_with_shell(t1: Volume) -> np.ndarray:
+    """The 1 mm template with what a whole-head T1 has round the brain: a dark CSF / bone band
+    (4-9 mm out) and a bright scalp (9-15 mm out)."""
+    brain = t1.data > 0
+    d = ndi.distance_transform_edt(~brain)
+    hi = np.percentile(t1.data[brain], 99.5)
+    shell = np.where((d > 4) & (d <= 9), 0.1 * hi, 0.0) + np.where((d > 9) & (d <= 15), 0.9 * hi, 0.0)
+    return (t1.data + shell).astype(np.float32)
+
+
+def motion(rot_deg, shift_mm) -> np.ndarray:
+    """World (RAS mm) rigid motion: rotation (x, y, z Euler degrees) about the brain's centre, then a shift."""
+    c = load_template(DEMO).centroid_mm
+    r = Rotation.from_euler("xyz", rot_deg, degrees=True).as_matrix()
+    m = np.eye(4)
+    m[:3, :3] = r
+    m[:3, 3] = c - r @ c + np.asarray(shift_mm, float)
+    return m
+
+
+def native_copy(t1: Volume, data: np.ndarray, rot_deg, shift_mm, *, spacing=2.0, shape=None, lps=False,
+                bias=0.0) -> Volume:
+    """``data`` (on the template's 1 mm array) moved by ``motion`` onto a scanner grid of ``spacing``
+    mm centred on the moved brain (LPS voxel order with ``lps``), times a smooth bias field, in
+    arbitrary units."""
+    m = motion(rot_deg, shift_mm)
+    shape = shape or tuple(int(round(n / spacing)) for n in (196, 232, 188))
+    a = np.diag([spacing, spacing, spacing, 1.0])
+    if lps:
+        a[0, 0] = a[1, 1] = -spacing
+    c = load_template(DEMO).centroid_mm
+    a[:3, 3] = (m[:3, :3] @ c + m[:3, 3]) - a[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    src = ndi.gaussian_filter(data, (spacing - 1.0) / 2.0) if spacing > 1.0 else data
+    mapping = np.linalg.inv(t1.affine) @ np.linalg.inv(m) @ a  # scanner voxel -> template voxel
+    out = ndi.affine_transform(src, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape, order=1)
+    if bias:
+        g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+        out = out * np.exp(bias * (g[0] + 0.5 * g[2] - 0.3 * g[1] ** 2))
+    return Volume((3.7 * out).astype(np.float32), a)
+
+
+# label -> (rotation degrees, shift mm, options); all at 2 mm (the fast tests)
+CASES = {
+    "sub-rot": ((15, 0, 0), (12, -10, 12), {"bias": 0.3}),               # 15 degrees, 19.8 mm, bias field
+    "sub-lps": ((0, 8, 10), (-15, 5, 10), {"lps": True}),                # stored LPS on disk
+    "sub-skull": ((6, -5, 3), (0, 8, -6), {"shell": True, "shape": (128, 128, 90)}),  # 256 x 256 x 180 mm
+}
+
+
+@pytest.fixture(scope="module")
+def mni() -> Volume:
+    return read_volume(MNI152_FILE_PATH)
+
+
+def _write_case(root, label, mni, rot, shift, opts) -> None:
+    opts = dict(opts)
+    data = head_with_shell(mni) if opts.pop("shell", False) else mni.data
+    vol = native_copy(mni, data, rot, shift, **opts)
+    path = root / label / "anat" / f"{label}_T1w.nii.gz"
+    path.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(vol.data, vol.affine), path)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory, mni):
+    """A BIDS dataset of the native-space copies (participants.tsv with ages only)."""
+    root = tmp_path_factory.mktemp("native")
+    for label, (rot, shift, opts) in CASES.items():
+        _write_case(root, label, mni, rot, shift, opts)
+    (root / "participants.tsv").write_text("participant_id\tage\n" + "".join(f"{k}\t70\n" for k in CASES))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, native):
+    """The dataset after ``prepare`` (a copy, so that ``native`` stays unprepared): (root, summary, steps)."""
+    root = shutil.copytree(native, tmp_path_factory.mktemp("prepared") / "bids")
+    steps = []
+    summary = prepare_dataset([root], grid="demo", on_step=lambda i, n, info: steps.append((i, n, dict(info))))
+    return root, summary, steps
+
+
+def _centroid_mm(data: np.ndarray) -> np.ndarray:
+    return DEMO.voxel_to_world(np.array(ndi.center_of_mass(data > 0))[None])[0]
+
+
+# ------------------------------------------------------------------------------------------ check
+
+
+def test_shipped_data_passes_the_check(mni, phantom_cohort, tiny_cohort):
+    vols = [mni, Volume(load_template(DEMO).t1 * 900.0, DEMO.affine)]
+    vols += [read_volume(c.t1w(label)) for c in (phantom_cohort, tiny_cohort) for label in c.labels[:4]]
+    for vol in vols:
+        p = check_prepared(vol)
+        assert p.ok, (vol.source, p.reasons)
+        assert p.rotation_deg < 2.0 and p.shift_mm < 4.0 and p.outside_ml < 5.0
+
+
+def test_each_native_copy_is_refused_with_its_reasons(native):
+    for label in CASES:
+        p = check_prepared(read_volume(native / label / "anat" / f"{label}_T1w.nii.gz"))
+        assert not p.ok
+        assert p.rotation_deg > 5.0 and p.shift_mm > 6.0  # every copy is moved beyond the limits
+    skull = check_prepared(read_volume(native / "sub-skull" / "anat" / "sub-skull_T1w.nii.gz"))
+    assert any("skull or scalp" in r for r in skull.reasons) and skull.outside_ml > 200
+
+
+def test_a_scan_outside_mni_space_is_refused_by_its_field_of_view(mni):
+    affine = mni.affine.copy()
+    affine[:3, 3] = 0.0  # scanner coordinates: the array's corner at the origin
+    p = check_prepared(Volume(mni.data, affine, source="scanner.nii.gz"))
+    assert not p.ok and "field of view" in p.reasons[0]
+
+
+def test_every_door_refuses_an_unprepared_scan(native, tmp_path):
+    from synthbrain.bundle import load_bundle
+    from synthbrain.reconstruction import reconstruct
+
+    scan = read_volume(native / "sub-rot" / "anat" / "sub-rot_T1w.nii.gz")
+    with pytest.raises(UnpreparedVolumeError, match=r"^sub-rot_T1w\.nii\.gz: not prepared: .*synthbrain prepare"):
+        reconstruct(load_bundle(components=("autoencoder",)), scan)
+    # training data: the dataset names the subject and says what to run
+    data = shutil.copytree(native, tmp_path / "bids")
+    from synthbrain.conditions import ConditionSchema
+
+    ds = BIDSDataset(data, grid="demo", schema=ConditionSchema(()))
+    with pytest.raises(DatasetError, match=r"^sub-lps: .*not prepared.*synthbrain prepare"):
+        ds.volume(ds.labels.index("sub-lps"))
+    assert not (data / "derivatives").exists() or not list((data / "derivatives").rglob("*.nii.gz"))
+
+
+def test_cli_reconstruct_and_measure_refuse_in_one_line(native, tmp_path, monkeypatch, capsys):
+    from synthbrain.cli import main
+
+    scan = native / "sub-skull" / "anat" / "sub-skull_T1w.nii.gz"
+    for args in (["reconstruct", str(scan), "--out", str(tmp_path / "rec.nii.gz")], ["measure", str(scan)]):
+        monkeypatch.setattr(sys, "argv", ["synthbrain", *args])
+        assert main() == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("synthbrain: error: sub-skull_T1w.nii.gz: not prepared:")
+        assert "skull or scalp" in line and "synthbrain prepare" in line
+    assert not (tmp_path / "rec.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+def test_prepared_copies_land_on_the_template(prepared, native):
+    root, summary, steps = prepared
+    assert summary.prepared == sorted(CASES) and not summary.failed and not summary.skipped
+    assert steps[-1][:2] == (3, 3) and {s[2]["subject"] for s in steps} == set(CASES)
+    tmpl = load_template(DEMO)
+    far = ndi.distance_transform_edt(tmpl.brain <= 0.5) * DEMO.spacing > 10.0
+    out = root / "derivatives" / "synthbrain"
+    for label in CASES:
+        paths = output_paths(out, label, DEMO)
+        vol = read_volume(paths["t1w"])
+        np.testing.assert_array_equal(vol.affine, DEMO.affine)
+        inside = tmpl.brain > 0.5
+        r = np.corrcoef(vol.data[inside], tmpl.t1[inside])[0, 1]
+        assert r >= 0.95, (label, r)
+        assert np.linalg.norm(_centroid_mm(vol.data) - _centroid_mm(tmpl.t1)) <= 2.0
+        assert not np.any(vol.data[far] > 0)  # skull and scalp are gone
+        assert vol.data.min() >= 0.0 and vol.data.max() == 1.0
+        assert check_prepared(vol).ok
+        side = json.loads(paths["t1w"].with_name(paths["t1w"].name.replace(".nii.gz", ".json")).read_text())
+        qc = side["Prepare"]["QC"]
+        assert qc["brain_extraction"] == "deepbet" and not qc["flags"]
+        rot, shift, _ = CASES[label]
+        assert qc["input_shift_mm"] == pytest.approx(np.linalg.norm(shift), abs=1.5)
+
+
+def test_the_transform_maps_a_result_back_onto_the_scan(prepared, native, mni):
+    root, _, _ = prepared
+    label = "sub-lps"
+    paths = output_paths(root / "derivatives" / "synthbrain", label, DEMO)
+    scan = read_volume(native / label / "anat" / f"{label}_T1w.nii.gz")
+    back = to_subject_space(read_volume(paths["mask"]), paths["transform"], scan, order=0)
+    truth = scan.data > 0.05 * scan.data.max()  # the copy's brain in its own space
+    dice = 2 * np.sum((back.data > 0) & truth) / (np.sum(back.data > 0) + truth.sum())
+    assert dice > 0.9
+
+
+def test_qc_table_and_pictures(prepared):
+    from PIL import Image
+
+    root, summary, _ = prepared
+    rows = read_tsv(summary.qc_table)
+    assert summary.qc_table == root / "derivatives" / "synthbrain" / QC_TABLE
+    assert list(rows[0]) == QC_COLUMNS and [r["subject"] for r in rows] == sorted(CASES)
+    for r in rows:
+        assert r["status"] == "prepared" and r["flags"] == "none"
+        assert float(r["correlation"]) >= 0.95 and 1500 < float(r["brain_volume_ml"]) < 2300
+        assert float(r["registration_metric"]) > 0.5  # Mattes mutual information (nats)
+        png = output_paths(root / "derivatives" / "synthbrain", r["subject"], DEMO)["qc"]
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width == 900 and im.height > 500  # three rows of planes
+
+
+def test_a_prepared_dataset_trains_as_it_is(prepared):
+    from synthbrain.conditions import ConditionSchema
+
+    root, _, _ = prepared
+    ds = BIDSDataset(root, grid="demo", schema=ConditionSchema(()))
+    for i, label in enumerate(ds.labels):
+        want = read_volume(output_paths(root / "derivatives" / "synthbrain", label, DEMO)["t1w"]).data
+        np.testing.assert_array_equal(ds.volume(i), want)  # prepare's output, not a fresh (refused) preprocess
+
+
+def test_cli_resumes_and_reports_failures_by_name(prepared, tmp_path):
+    root, _, _ = prepared
+    data = shutil.copytree(root, tmp_path / "bids")
+    out = data / "derivatives" / "synthbrain"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != QC_TABLE}
+    for label, content in (("sub-broken", b"\x1f\x8b not a scan"), ("sub-empty", None)):
+        path = data / label / "anat" / f"{label}_T1w.nii.gz"
+        path.parent.mkdir(parents=True)
+        if content is None:
+            nib.save(nib.Nifti1Image(np.zeros((40, 40, 40), np.float32), np.eye(4)), path)
+        else:
+            path.write_bytes(content)
+    r = subprocess.run([sys.executable, "-m", "synthbrain", "prepare", str(data), "--grid", "demo", "--jobs", "2"],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("synthbrain: error: ")]
+    assert [e.split(":")[2].strip() for e in errors] == ["sub-broken", "sub-empty"]
+    assert "Traceback" not in r.stderr
+    assert "prepared 0 of 5 subjects (3 already complete, 2 failed)" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # complete subjects untouched
+    rows = {row["subject"]: row for row in read_tsv(out / QC_TABLE)}
+    assert rows["sub-broken"]["status"] == "failed" and "not gzip" in rows["sub-broken"]["flags"]
+    assert rows["sub-rot"]["status"] == "skipped (complete)"
+
+
+def test_template_mask_fallback_removes_the_skull(native, tmp_path):
+    scan = native / "sub-skull" / "anat" / "sub-skull_T1w.nii.gz"
+    s = prepare_dataset([scan], tmp_path / "out", "demo", brain_extraction="template")
+    assert s.prepared == ["sub-skull"]
+    vol = read_volume(output_paths(tmp_path / "out", "sub-skull", DEMO)["t1w"])
+    tmpl = load_template(DEMO)
+    inside = tmpl.brain > 0.5
+    assert np.corrcoef(vol.data[inside], tmpl.t1[inside])[0, 1] >= 0.95
+    assert not np.any(vol.data[~inside])  # exactly the template's brain
+    assert check_prepared(vol).ok
+    assert read_tsv(s.qc_table)[0]["brain_extraction"] == "template"
+
+
+@pytest.mark.slow
+def test_a_1mm_whole_head_scan_lands_on_the_template(mni, tmp_path):
+    """256 x 256 x 180 at 1 mm, rotated 12 degrees and shifted 15 mm, with skull and scalp."""
+    vol = native_copy(mni, head_with_shell(mni), (-7, 6, 8), (9, 12, 0), spacing=1.0, shape=(256, 256, 180),
+                      bias=0.2)
+    path = tmp_path / "sub-head_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(vol.data, vol.affine), path)
+    assert not check_prepared(read_volume(path)).ok
+    s = prepare_dataset([path], tmp_path / "out", "demo")
+    assert s.prepared == ["sub-head"], s.failed
+    out = read_volume(output_paths(tmp_path / "out", "sub-head", DEMO)["t1w"])
+    tmpl = load_template(DEMO)
+    inside = tmpl.brain > 0.5
+    assert np.corrcoef(out.data[inside], tmpl.t1[inside])[0, 1] >= 0.95
+    assert np.linalg.norm(_centroid_mm(out.data) - _centroid_mm(tmpl.t1)) <= 2.0
+    assert check_prepared(out).ok
