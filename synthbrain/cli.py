@@ -517,6 +517,8 @@ def _tune(stage: str, out: Path, **kwargs) -> None:
                             reports=kwargs.pop("reports"), pruner=kwargs.pop("pruner"), seed=kwargs.pop("seed"))
     with progress(f"tune {stage}") as on_step:
         d = tune(stage, out=out, settings=settings, on_step=on_step, **kwargs)
+    if not d:  # a torchrun worker's other ranks: rank 0 reports
+        return
     best = d["best"]
     counts = ", ".join(f"{n} {s}" for s, n in sorted(d["counts"].items()))
     typer.echo(f"study {d['study']}: {counts}; "

@@ -15,6 +15,10 @@ Written to the output folder after every trial (atomically, so several workers m
 the figures as plotly JSON) and ``tuning.html`` (the table and the figures: optimisation history,
 parameter importances; self-contained, opens offline). Each trial's run folder is ``trials/trial-NNNN``
 (checkpoints removed once it ends).
+
+A worker may itself be a ``torchrun`` job (one trial trained by DDP over its processes): Optuna's documented
+pattern for distributed trials, ``TorchDistributedTrial`` (optuna-integration). Rank 0 talks to the storage;
+every rank runs the objective, and the trial's suggestions, reports and pruning decisions are broadcast.
 """
 
 from __future__ import annotations
@@ -234,13 +238,12 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
     from synthbrain.training.loop import DistContext, load_config_file
     from synthbrain.training.prior import PriorTraining
 
-    if DistContext.from_env().enabled:
-        raise ConfigError("synthbrain tune runs one process per worker, not under torchrun: start several "
-                          "workers against one --storage instead")
+    dist = DistContext.from_env()
     if stage == "prior" and bundle is None:
         raise ConfigError("tune prior needs --bundle (a bundle with a trained autoencoder)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study_name or f"synthbrain-{stage}"
     cls = AutoencoderTraining if stage == "autoencoder" else PriorTraining
@@ -254,17 +257,25 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
         from synthbrain.bundle import read_config
 
         grid = read_config(Path(bundle))["grid"]["name"]
-    BIDSDataset(data, grid=grid).prepare()  # a bad dataset fails here, once, not in every trial
+    dataset = BIDSDataset(data, grid=grid)  # a bad dataset fails here, once, not in every trial
+    if dist.is_main:
+        dataset.prepare()
     meta = {"stage": stage, "data": str(Path(data).resolve()), "grid": grid, "budget_steps": settings.budget_steps,
             "bundle": str(Path(bundle).resolve()) if bundle else None, "base_config": base,
             "metric": OBJECTIVES[stage][0]}
     metric = OBJECTIVES[stage][0]
 
     def objective(trial) -> float:
+        if dist.enabled:  # every rank runs this; rank 0 holds the real trial (None elsewhere)
+            from optuna_integration.pytorch_distributed import TorchDistributedTrial
+
+            trial = TorchDistributedTrial(trial)
         cfg = suggest(trial, stage, base, grid_shape)
         run_dir = out / "trials" / f"trial-{trial.number:04d}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(budgeted(cfg, settings), indent=1))
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(budgeted(cfg, settings), indent=1))
+        dist.barrier()
         trial.set_user_attr("config", cfg)
         trial.set_user_attr("run", str(run_dir.relative_to(out)))
         values: dict[int, float] = {}
@@ -289,7 +300,8 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
                 raise TrialDiverged(str(e)) from None
             raise
         finally:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            if dist.is_main:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         if not values:
             raise ConfigError(f"tune: trial {trial.number} had no validation; the config needs held-out "
                               "subjects (train.val_fraction > 0)")
@@ -306,10 +318,37 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
             on_step(done, settings.trials, {"trial": trial.number, "state": trial.state.name.lower(),
                                             **({"best": best.value} if best else {})})
 
-    with _quiet_optuna():
+    with _quiet_optuna(), _process_group(dist, device):
+        if not dist.is_main:  # the other ranks of a torchrun worker follow rank 0's trials
+            dist.barrier()
+            for _ in range(settings.trials):
+                with contextlib.suppress(optuna.TrialPruned, TrialDiverged):
+                    objective(None)
+            return {}
         study = open_study(storage, study_name, settings, meta, pruner)
+        dist.barrier()
         study.optimize(objective, n_trials=settings.trials, callbacks=[after_trial], catch=(TrialDiverged,))
         return write_summary(study, out, storage)
+
+
+@contextlib.contextmanager
+def _process_group(dist, device: str | None) -> Iterator[None]:
+    """Under torchrun: one process group for the whole worker (every trial's training reuses it)."""
+    if not dist.enabled:
+        yield
+        return
+    import torch
+
+    from synthbrain.training.loop import pick_device
+
+    dev = pick_device(device, dist)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _train(stage, data, run_dir, grid, bundle, config_file, device, extra_conditions, on_step, on_validate):

@@ -32,14 +32,17 @@ def _tune_cmd(data, out, storage, config, *extra):
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_and_the_best_config_trains(prepared_cohort, tmp_path):
-    """Two `synthbrain tune` processes started together against one new SQLite file (they also race to
-    create its tables): both trials land, each with its reports; the exported config trains."""
+    """Two workers started together against one new SQLite file (they also race to create its tables),
+    one a plain process and one a 2-process torchrun job (Optuna's TorchDistributedTrial: its trial is
+    trained by DDP): both trials land, each with its reports; the exported config trains."""
     config = write_json(tmp_path / "base.json", TINY_AUTOENCODER)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     out = tmp_path / "tune"
     env = subprocess_env()
-    workers = [subprocess.Popen(_tune_cmd(prepared_cohort, out, storage, config, "--pruner", "none"), env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd = _tune_cmd(prepared_cohort, out, storage, config, "--pruner", "none")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:]]
+    workers = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for c in (cmd, torchrun)]
     results = [(w.wait(timeout=600), *w.communicate()) for w in workers]
     for rc, _, err in results:
         assert rc == 0, err
@@ -50,6 +53,8 @@ def test_two_workers_share_one_sqlite_study_and_the_best_config_trains(prepared_
     assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     assert all(set(t.intermediate_values) == {1, 2} for t in trials)  # a report at each validation
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 2
+    runs = [json.loads((out / t.user_attrs["run"] / "run.json").read_text()) for t in trials]
+    assert sorted(r["world_size"] for r in runs) == [1, 2]
 
     d = read_summary(out / SUMMARY)
     assert d["counts"] == {"complete": 2} and {"history", "importances"} <= set(d["figures"])

@@ -136,7 +136,7 @@ class DistContext:
 def distributed(device: torch.device) -> Iterator[DistContext]:
     """Initialise torch.distributed from torchrun's environment (nccl on GPUs, gloo on CPU)."""
     ctx = DistContext.from_env()
-    if not ctx.enabled:
+    if not ctx.enabled or torch.distributed.is_initialized():  # one process, or a group its caller owns (tune)
         yield ctx
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
