@@ -16,8 +16,8 @@ import pytest
 from conftest import subprocess_env
 from nilearn.datasets import MNI152_FILE_PATH
 from scipy import ndimage as ndi
-from scipy.spatial.transform import Rotation
 
+from synthbrain.data import native as scanner
 from synthbrain.data.bids import BIDSDataset, read_tsv
 from synthbrain.data.prepare import (
     QC_COLUMNS,
@@ -35,45 +35,9 @@ from synthbrain.io import Volume, read_volume
 # ------------------------------------------------------------------------------ native-space copies
 
 
-def head_with_shell(t1: Volume) -> np.ndarray:
-    """The 1 mm template with what a whole-head T1 has round the brain: a dark CSF / bone band
-    (4-9 mm out) and a bright scalp (9-15 mm out)."""
-    brain = t1.data > 0
-    d = ndi.distance_transform_edt(~brain)
-    hi = np.percentile(t1.data[brain], 99.5)
-    shell = np.where((d > 4) & (d <= 9), 0.1 * hi, 0.0) + np.where((d > 9) & (d <= 15), 0.9 * hi, 0.0)
-    return (t1.data + shell).astype(np.float32)
-
-
-def motion(rot_deg, shift_mm) -> np.ndarray:
-    """World (RAS mm) rigid motion: rotation (x, y, z Euler degrees) about the brain's centre, then a shift."""
-    c = load_template(DEMO).centroid_mm
-    r = Rotation.from_euler("xyz", rot_deg, degrees=True).as_matrix()
-    m = np.eye(4)
-    m[:3, :3] = r
-    m[:3, 3] = c - r @ c + np.asarray(shift_mm, float)
-    return m
-
-
-def native_copy(t1: Volume, data: np.ndarray, rot_deg, shift_mm, *, spacing=2.0, shape=None, lps=False,
-                bias=0.0) -> Volume:
-    """``data`` (on the template's 1 mm array) moved by ``motion`` onto a scanner grid of ``spacing``
-    mm centred on the moved brain (LPS voxel order with ``lps``), times a smooth bias field, in
-    arbitrary units."""
-    m = motion(rot_deg, shift_mm)
-    shape = shape or tuple(int(round(n / spacing)) for n in (196, 232, 188))
-    a = np.diag([spacing, spacing, spacing, 1.0])
-    if lps:
-        a[0, 0] = a[1, 1] = -spacing
-    c = load_template(DEMO).centroid_mm
-    a[:3, 3] = (m[:3, :3] @ c + m[:3, 3]) - a[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    src = ndi.gaussian_filter(data, (spacing - 1.0) / 2.0) if spacing > 1.0 else data
-    mapping = np.linalg.inv(t1.affine) @ np.linalg.inv(m) @ a  # scanner voxel -> template voxel
-    out = ndi.affine_transform(src, mapping[:3, :3], offset=mapping[:3, 3], output_shape=shape, order=1)
-    if bias:
-        g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-        out = out * np.exp(bias * (g[0] + 0.5 * g[2] - 0.3 * g[1] ** 2))
-    return Volume((3.7 * out).astype(np.float32), a)
+def native_copy(t1: Volume, data: np.ndarray, rot_deg, shift_mm, **kw) -> Volume:
+    """``data`` rotated about the MNI brain's centre and shifted, on a scanner grid (``synthbrain.data.native``)."""
+    return scanner.native_copy(t1, data, scanner.motion(rot_deg, shift_mm, load_template(DEMO).centroid_mm), **kw)
 
 
 # label -> (rotation degrees, shift mm, options); all at 2 mm (the fast tests)
@@ -91,7 +55,7 @@ def mni() -> Volume:
 
 def _write_case(root, label, mni, rot, shift, opts) -> None:
     opts = dict(opts)
-    data = head_with_shell(mni) if opts.pop("shell", False) else mni.data
+    data = scanner.head_with_shell(mni) if opts.pop("shell", False) else mni.data
     vol = native_copy(mni, data, rot, shift, **opts)
     path = root / label / "anat" / f"{label}_T1w.nii.gz"
     path.parent.mkdir(parents=True)
@@ -285,7 +249,7 @@ def test_template_mask_fallback_removes_the_skull(native, tmp_path):
 @pytest.mark.slow
 def test_a_1mm_whole_head_scan_lands_on_the_template(mni, tmp_path):
     """256 x 256 x 180 at 1 mm, rotated 12 degrees and shifted 15 mm, with skull and scalp."""
-    vol = native_copy(mni, head_with_shell(mni), (-7, 6, 8), (9, 12, 0), spacing=1.0, shape=(256, 256, 180),
+    vol = native_copy(mni, scanner.head_with_shell(mni), (-7, 6, 8), (9, 12, 0), spacing=1.0, shape=(256, 256, 180),
                       bias=0.2)
     path = tmp_path / "sub-head_T1w.nii.gz"
     nib.save(nib.Nifti1Image(vol.data, vol.affine), path)
