@@ -12,19 +12,27 @@ only records the step: Streamlit elements are drawn by the session's own script 
 here). A session that stops waiting (the user navigates away, presses something else) takes its job
 out of the queue unless it has already started; a started job runs to its end and its result is
 dropped.
+
+The workers are daemon threads, so stopping the server (SIGTERM, Ctrl+C) never waits for model work:
+at exit the queued jobs are cancelled, every waiter is told the server stopped (:class:`Stopped`),
+and a job that is running is abandoned with the process.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from synthbrain.errors import ConfigError
+from synthbrain.errors import ConfigError, SynthBrainError
 
 WORKERS_ENV = "SYNTHBRAIN_WORKERS"
 T = TypeVar("T")
@@ -43,6 +51,10 @@ def workers_from_env(device: str | None = None) -> int:
     if not 1 <= n <= 64:
         raise ConfigError(f"{WORKERS_ENV} must be a whole number of model jobs from 1 to 64, got {raw!r}")
     return n
+
+
+class Stopped(SynthBrainError):
+    """The server stopped before this job could finish (it was queued, or it was running)."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +107,19 @@ class JobQueue:
         if workers < 1:
             raise ConfigError(f"a job queue needs at least 1 worker, got {workers}")
         self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synthbrain-model")
         self.changed = threading.Condition()   # notified whenever a job is queued, starts, steps or ends
         self._waiting: list[Job] = []
-        self._running = 0
+        self._running: set[Job] = set()
+        self._closed = False
         self.version = 0                       # counts changes, so a waiter knows it has seen the latest
+        self._todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # daemon threads: the interpreter does not join them at exit (a ThreadPoolExecutor's workers would
+        # first run their job and every queued one, so a stopped server would outlive systemd's timeout)
+        self._threads = [threading.Thread(target=self._work, name=f"synthbrain-model-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+        _OPEN.add(self)
 
     def bump(self) -> None:
         """Record a change and wake every waiter (call holding ``changed``)."""
@@ -109,43 +129,77 @@ class JobQueue:
     def submit(self, fn: Callable[[OnStep], T]) -> Job:
         job = Job(self, fn)
         with self.changed:
+            if self._closed:
+                raise Stopped("the server is stopping: no new model jobs")
             self._waiting.append(job)
-            job.future = self._pool.submit(self._run, job)
+            self._todo.put(job)
             self.bump()
         return job
 
-    def _run(self, job: Job):
-        with self.changed:
-            self._waiting.remove(job)
-            self._running += 1
-            job.started = True
-            job.start_time = time.monotonic()
-            self.bump()
-        try:
-            return job._fn(job.on_step)
-        finally:
+    def _work(self) -> None:
+        while (job := self._todo.get()) is not None:
             with self.changed:
-                self._running -= 1
+                if self._closed or not job.future.set_running_or_notify_cancel():
+                    continue                   # cancelled while it waited
+                self._waiting.remove(job)
+                self._running.add(job)
+                job.started = True
+                job.start_time = time.monotonic()
                 self.bump()
+            try:
+                result, error = job._fn(job.on_step), None
+            except BaseException as e:  # handed to the caller, as a Future would
+                result, error = None, e
+            # the future is settled and the waiters woken under one lock, so a woken waiter sees it done
+            with self.changed:
+                self._running.discard(job)
+                try:
+                    if error is None:
+                        job.future.set_result(result)
+                    else:
+                        job.future.set_exception(error)
+                except InvalidStateError:      # settled by close() while it ran
+                    pass
+                self.bump()
+
+    def close(self) -> None:
+        """Stop taking jobs: drop the queued ones and tell the waiters of queued and running ones that
+        the server stopped (:class:`Stopped`; running threads die with the process). Called at exit."""
+        with self.changed:
+            if self._closed:
+                return
+            self._closed = True
+            for job in [*self._waiting, *self._running]:
+                # a waiter gets one of our errors (a page shows it) rather than a CancelledError
+                with contextlib.suppress(InvalidStateError):
+                    job.future.set_exception(Stopped("the server stopped before this model job finished"))
+            self._waiting.clear()
+            self._running.clear()
+            self.bump()
+        for _ in self._threads:
+            self._todo.put(None)
 
     def cancel(self, job: Job) -> bool:
         with self.changed:
-            if not job.future.cancel():
+            if job not in self._waiting or not job.future.cancel():
                 return False
             self._waiting.remove(job)
             self.bump()
             return True
 
     def position(self, job: Job) -> Position:
+        """``ahead``: how many of the jobs running or queued before it must end before it can start
+        (0 when a worker is free for it)."""
         with self.changed:
             done = job.future.done()
-            ahead = 0 if job.started or done else self._running + self._waiting.index(job)
+            waiting = not (job.started or done) and job in self._waiting
+            ahead = max(0, len(self._running) + self._waiting.index(job) - self.workers + 1) if waiting else 0
             return Position(job.started, done, ahead, job.step)
 
     @property
     def running(self) -> int:
         with self.changed:
-            return self._running
+            return len(self._running)
 
     @property
     def waiting(self) -> int:
@@ -166,6 +220,17 @@ class JobQueue:
 
 _QUEUE: JobQueue | None = None
 _QUEUE_LOCK = threading.Lock()
+_OPEN: weakref.WeakSet[JobQueue] = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for q in list(_OPEN):
+        q.close()
+
+
+# threading's exit hooks run before the interpreter joins non-daemon threads (atexit runs after), so a
+# non-daemon thread waiting for a job is released instead of holding the exit up
+getattr(threading, "_register_atexit", atexit.register)(_close_all)
 
 
 def job_queue() -> JobQueue:

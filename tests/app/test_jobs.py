@@ -4,7 +4,11 @@ Generate waiting behind another session's job, then saying how long it waited.""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +42,85 @@ def test_jobs_run_in_order_with_their_positions():
     release.set()
     assert (first.result(10), third.result(10)) == ("a", "c")
     assert third.position().done and q.running == 0 and q.waiting == 0
+
+
+def test_a_free_worker_means_nothing_ahead():
+    q = jobs.JobQueue(workers=2)
+    release = threading.Event()
+    first = q.submit(blocking_job(release))
+    assert q.wait_until(lambda q: q.running == 1, 10)
+    # a job queued while a worker is free waits for nobody (it is about to start, or has started)
+    assert q.submit(blocking_job(release)).position().ahead == 0
+    assert q.wait_until(lambda q: q.running == 2, 10)
+    third, fourth = q.submit(lambda s: 3), q.submit(lambda s: 4)
+    assert (third.position().ahead, fourth.position().ahead) == (1, 2)
+    release.set()
+    assert (first.result(10), third.result(10), fourth.result(10)) == (None, 3, 4)
+
+
+def test_a_waiter_woken_by_the_end_of_a_job_sees_it_done():
+    """The last change a job makes is its end, with its result already set: a waiter that checks at each
+    change sees ``done`` then, instead of sleeping until some later change (or its timeout)."""
+    q = jobs.JobQueue(workers=1)
+    release = threading.Event()
+    job = q.submit(blocking_job(release, "a"))
+    assert q.wait_until(lambda q: job.step == (1, 2), 10)
+    done_at_change, bump = [], q.bump
+    q.bump = lambda: (done_at_change.append(job.future.done()), bump())  # what a waiter woken now sees
+    release.set()
+    assert q.wait_until(lambda q: job.position().done, 30)
+    assert job.result(0) == "a"
+    assert done_at_change == [True], "waiters were woken before the job's result was set"
+
+
+# the server's process in small: a job that would run for ever, three queued behind it, a thread waiting
+# for each kind (not daemon, so the interpreter waits for them), and SIGTERM ending the process as
+# Streamlit's handler does (the main thread returns and the interpreter exits)
+SERVER = """
+import signal, sys, threading
+from app_support import jobs
+
+q = jobs.JobQueue(workers=1)
+never = threading.Event()
+
+def busy(on_step):
+    on_step(1, 2, {})
+    never.wait()
+
+running = q.submit(busy)
+queued = [q.submit(lambda s: print("a queued job ran", flush=True)) for _ in range(3)]
+assert q.wait_until(lambda q: running.step == (1, 2) and q.waiting == 3, 60)
+
+def wait_for(job, name):
+    try:
+        job.result()
+    except jobs.Stopped as e:
+        print(f"{name} waiter: {e}", flush=True)
+
+for job, name in ((running, "running"), (queued[0], "queued")):
+    threading.Thread(target=wait_for, args=(job, name)).start()
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+def test_sigterm_ends_the_server_with_a_job_running_and_jobs_queued():
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.communicate(timeout=60)[0]
+        proc.send_signal(signal.SIGTERM)
+        # a hang guard: with workers the interpreter joins, the process would wait for a job that never ends
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "a queued job ran" not in out
+    assert "running waiter: the server stopped" in out and "queued waiter: the server stopped" in out, out
 
 
 def test_a_job_error_is_raised_to_its_caller_and_the_queue_goes_on():
