@@ -152,13 +152,13 @@ def _networks(cfg: dict, grid: Grid, schema: ConditionSchema, components: tuple[
     """The networks a config describes, built on PyTorch's ``meta`` device: no memory is allocated."""
     import torch
 
-    from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
+    from synthbrain.models.autoencoder import autoencoder_config_from_dict, build_autoencoder
 
     out = {}
     with torch.device("meta"):
-        ae_cfg = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
+        ae_cfg = autoencoder_config_from_dict(cfg["autoencoder"]["config"])
         if "autoencoder" in components:
-            out["autoencoder"] = Autoencoder(ae_cfg)
+            out["autoencoder"] = build_autoencoder(ae_cfg)
         if "prior" in components and "prior" in cfg:
             from synthbrain.models.prior import Prior, PriorConfig
 
@@ -173,13 +173,9 @@ def implied_size(cfg: dict, grid: Grid, schema: ConditionSchema, components: tup
     few live tensors), from the config alone."""
     nets = _networks(cfg, grid, schema, components)
     params = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
-    from synthbrain.models.autoencoder import AutoencoderConfig
+    from synthbrain.models.autoencoder import autoencoder_config_from_dict
 
-    ae = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
-    voxels, widest, scale = math.prod(grid.shape), 0, 1
-    for c, r, st in zip(ae.channels, ae.num_res_channels, ae.strides):
-        scale *= st
-        widest = max(widest, max(c, r) * voxels // scale**3)
+    widest = autoencoder_config_from_dict(cfg["autoencoder"]["config"]).feature_map_elements(grid.shape)
     return {"parameters": params, "activation_bytes": 4 * 4 * widest}
 
 
@@ -216,15 +212,15 @@ def _load_weights(path: Path, component: str, cfg: dict) -> dict:
 
 
 def _build(component: str, cfg: dict, state: dict, grid: Grid, schema: ConditionSchema, path: Path):
-    from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
+    from synthbrain.models.autoencoder import autoencoder_config_from_dict, build_autoencoder
 
     try:
         if component == "autoencoder":
-            model = Autoencoder(AutoencoderConfig.from_dict(cfg["autoencoder"]["config"]))
+            model = build_autoencoder(autoencoder_config_from_dict(cfg["autoencoder"]["config"]))
         else:
             from synthbrain.models.prior import Prior, PriorConfig
 
-            ae_cfg = AutoencoderConfig.from_dict(cfg["autoencoder"]["config"])
+            ae_cfg = autoencoder_config_from_dict(cfg["autoencoder"]["config"])
             model = Prior(PriorConfig.from_dict(cfg["prior"]["config"]), latent_shape=ae_cfg.latent_shape(grid.shape),
                           condition_width=schema.width)
         model.load_state_dict(state, strict=True)

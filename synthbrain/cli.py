@@ -332,6 +332,24 @@ def sample(
                f"{gen.precision})")
 
 
+@app.command("import-bundle")
+def import_bundle_cmd(
+    path: Path = typer.Argument(..., help="the downloaded MONAI model-zoo folder "
+                                "brain_image_synthesis_latent_diffusion_model (configs/, models/)"),
+    out: Path = OutOpt(..., "new folder for the SynthBrain bundle"),
+    conditions: Path | None = typer.Option(None, "--conditions", help="JSON mapping of the normalised conditions "
+                                           "to real units, e.g. {\"age\": {\"unit\": \"years\", \"low\": 44, "
+                                           "\"high\": 82}}; without it they stay normalised [0, 1]"),
+) -> None:
+    """Import the MONAI model zoo's UK Biobank brain LDM (Pinaya et al. 2022) as a SynthBrain bundle.
+    Nothing is downloaded: PATH is the folder you downloaded from the MONAI model zoo."""
+    from synthbrain.importers.monai_zoo import import_monai_zoo
+
+    with progress("import-bundle") as on_step:
+        dest = import_monai_zoo(path, out, mapping_file=conditions, on_step=on_step)
+    typer.echo(f"imported {path} -> {dest} (use it with: synthbrain sample --bundle {dest} ...)")
+
+
 @evaluate_app.command("autoencoder")
 def evaluate_autoencoder_cmd(
     bundle: Path = typer.Option(..., "--bundle"),

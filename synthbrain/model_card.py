@@ -61,15 +61,19 @@ def render_model_card(bundle_dir: Path) -> str:
         if stage not in cfg:
             continue
         s = cfg[stage]
-        lines += [f"## {stage.capitalize()}", "",
-                  f"- trained for {s.get('steps_trained')} steps, seed {s.get('seed')}",
-                  f"- data: {json.dumps(s.get('data_fingerprint', {}))}",
+        imported = s.get("imported_from")
+        origin = ([f"- imported from `{imported['file']}` ({imported['key_layout']} key layout), not trained here"]
+                  if imported else [f"- trained for {s.get('steps_trained')} steps, seed {s.get('seed')}",
+                                    f"- data: {json.dumps(s.get('data_fingerprint', {}))}"])
+        lines += [f"## {stage.capitalize()}", "", *origin,
                   "- commands:", *[f"  - `{c}`" for c in s.get("commands", [s.get("command", "")])],
                   f"- network config: `{json.dumps(s.get('config', {}))}`"]
         if "compression" in s:
             comp = s["compression"]
+            bits = (f"; code bits {100 * comp['latent_bits_per_volume_bits']:.3f} % of a 16-bit volume"
+                    if "latent_bits_per_volume_bits" in comp else " (a continuous latent)")
             lines.append(f"- latent {comp['latent_shape']}: {100 * comp['latent_values_per_voxel']:.3f} % of the "
-                         f"voxel count; code bits {100 * comp['latent_bits_per_volume_bits']:.3f} % of a 16-bit volume")
+                         f"voxel count{bits}")
         if "latent_scale_factor" in s:
             lines.append(f"- latent scale factor {s['latent_scale_factor']:.5g}")
         lines.append("")

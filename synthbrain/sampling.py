@@ -248,6 +248,10 @@ class Generator:
     def _steps_and_guidance(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         steps = int(steps or self.config.default_steps)
         guidance = float(self.config.default_guidance if guidance is None else guidance)
+        if not self.config.classifier_free_guidance and guidance != 1.0:
+            # trained with the conditions always present: there is no unconditional prediction to guide from
+            raise ConfigError(f"{self.bundle.name} was trained without classifier-free guidance (it has no "
+                              f"unconditional mode): guidance is fixed at 1, got {guidance:g}")
         if not 1 <= steps <= self.config.num_train_timesteps:
             raise ConfigError(f"steps must be in 1..{self.config.num_train_timesteps}, got {steps}")
         if not 0.0 <= guidance <= 20.0:

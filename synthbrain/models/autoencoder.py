@@ -103,6 +103,14 @@ class AutoencoderConfig:
                 f"(at most {100 * MAX_CODE_BITS_FRACTION:g} %); use fewer codes or more downsampling")
         return comp
 
+    def feature_map_elements(self, shape: tuple[int, ...]) -> int:
+        """Elements of the widest feature map of one volume's pass (a level's channels at its resolution)."""
+        voxels, widest, scale = math.prod(shape), 0, 1
+        for c, r, st in zip(self.channels, self.num_res_channels, self.strides):
+            scale *= st
+            widest = max(widest, max(c, r) * voxels // scale**3)
+        return widest
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -238,3 +246,24 @@ class AutoencoderLossConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def autoencoder_config_from_dict(d: dict):
+    """The stage-1 config of a bundle's ``autoencoder.config``: the VQ-VAE's, or with ``kind: kl`` a KL
+    autoencoder's (an imported MONAI ``AutoencoderKL``, see synthbrain.models.autoencoder_kl)."""
+    if isinstance(d, dict) and "kind" in d:
+        from synthbrain.models.autoencoder_kl import KIND, KLAutoencoderConfig
+
+        if d["kind"] != KIND:
+            raise ConfigError(f"unknown autoencoder kind {d['kind']!r} (known: {KIND!r}, or none for the VQ-VAE)")
+        return KLAutoencoderConfig.from_dict(d)
+    return AutoencoderConfig.from_dict(d)
+
+
+def build_autoencoder(config) -> nn.Module:
+    """The stage-1 network of a config from :func:`autoencoder_config_from_dict`."""
+    if isinstance(config, AutoencoderConfig):
+        return Autoencoder(config)
+    from synthbrain.models.autoencoder_kl import KLAutoencoder
+
+    return KLAutoencoder(config)

@@ -29,7 +29,7 @@ class PriorConfig:
     channels: tuple[int, ...] = (32, 64, 128)
     attention_levels: tuple[bool, ...] = (False, True, True)
     num_res_blocks: int = 1
-    num_head_channels: int = 32
+    num_head_channels: int | tuple[int, ...] = 32   # one for all levels, or one per level (0 where no attention)
     norm_num_groups: int = 32
     num_train_timesteps: int = 1000
     schedule: str = "scaled_linear_beta"     # as the MONAI brain LDM
@@ -39,17 +39,38 @@ class PriorConfig:
     condition_dropout: float = 0.15
     default_steps: int = 4                   # DPM-Solver++ steps when none are asked for
     default_guidance: float = 2.0
+    # MONAI DiffusionModelUNet arguments the published UK Biobank LDM sets (defaults: MONAI's)
+    norm_eps: float = 1e-6
+    resblock_updown: bool = False
+    transformer_num_layers: int = 1
+    upcast_attention: bool = False
+    # False: trained with the conditions always present (condition_dropout 0), so there is no
+    # unconditional prediction and guidance is fixed at 1 (one forward pass per step)
+    classifier_free_guidance: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        heads = self.num_head_channels
+        heads = int(heads) if isinstance(heads, (int, float)) else tuple(int(h) for h in heads)
+        object.__setattr__(self, "num_head_channels", heads)
         if len(self.channels) != len(self.attention_levels):
             raise ConfigError("prior attention_levels needs one entry per channels level")
         if not self.channels or len(self.channels) > 6 or not 1 <= min(self.channels) <= max(self.channels) <= 2048:
             raise ConfigError(f"prior channels must be 1..6 levels of 1..2048, got {self.channels}")
-        if not (1 <= self.num_res_blocks <= 8 and 1 <= self.num_head_channels <= 1024 and self.norm_num_groups >= 1):
-            raise ConfigError("prior num_res_blocks must be in 1..8, num_head_channels in 1..1024 and "
+        per_level = heads if isinstance(heads, tuple) else (heads,) * len(self.channels)
+        if len(per_level) != len(self.channels) or any(
+                not (1 <= h <= 1024 if a else 0 <= h <= 1024) for h, a in zip(per_level, self.attention_levels)):
+            raise ConfigError(f"prior num_head_channels must be one number or one per level, in 1..1024 at levels "
+                              f"with attention, got {heads}")
+        if not (1 <= self.num_res_blocks <= 8 and self.norm_num_groups >= 1 and 1 <= self.transformer_num_layers <= 8):
+            raise ConfigError("prior num_res_blocks must be in 1..8, transformer_num_layers in 1..8 and "
                               "norm_num_groups >= 1")
+        if not (math.isfinite(self.norm_eps) and 0 < self.norm_eps < 1):
+            raise ConfigError(f"prior norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not self.classifier_free_guidance and (self.condition_dropout != 0 or self.default_guidance != 1.0):
+            raise ConfigError("a prior without classifier-free guidance has condition_dropout 0 and "
+                              "default_guidance 1")
         if not 1 <= self.num_train_timesteps <= 100_000:
             raise ConfigError(f"num_train_timesteps must be in 1..100000, got {self.num_train_timesteps}")
         if self.schedule not in ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"):
@@ -110,7 +131,8 @@ class Prior(nn.Module):
             channels=config.channels, attention_levels=config.attention_levels,
             num_res_blocks=config.num_res_blocks, num_head_channels=config.num_head_channels,
             norm_num_groups=config.norm_num_groups, with_conditioning=True,
-            cross_attention_dim=condition_width,
+            cross_attention_dim=condition_width, norm_eps=config.norm_eps, resblock_updown=config.resblock_updown,
+            transformer_num_layers=config.transformer_num_layers, upcast_attention=config.upcast_attention,
         )
 
     @property

@@ -1,0 +1,1 @@
+"""Importers: published models in other formats -> SynthBrain bundles (see synthbrain.bundle)."""
