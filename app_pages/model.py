@@ -69,7 +69,7 @@ if tuning_file:
         try:
             tuned = read_summary(tuning_file)
         except SynthBrainError as e:
-            st.warning(str(e))
+            st.warning(common.public_message(e))
         else:
             best = tuned["best"]
             st.markdown(f"**Optuna study `{tuned['study']}`** ({tuned['stage']}): {tuned['direction']} validation "

@@ -4,7 +4,7 @@ built from the bundle's schema, and errors. Model work runs through the job queu
 Configuration (environment, so that ``synthbrain app`` and tests can set it):
     SYNTHBRAIN_BUNDLE   bundle folder to open first (default: the demo bundle shipped in the package)
     SYNTHBRAIN_MODELS   folder whose sub-folders are bundles to choose from in the sidebar
-    SYNTHBRAIN_DEVICE   torch device for the models (default: cuda when available, else cpu)
+    SYNTHBRAIN_DEVICE   torch device for the models: auto (default: cuda when available), cpu, cuda, cuda:N
     SYNTHBRAIN_DATA     folder of BIDS datasets: the Audit page finds a model's training data there
     SYNTHBRAIN_WORKERS  model jobs that run at once (default: 1 on the CPU, 2 on a GPU; see jobs.py)
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import streamlit as st
 
-from synthbrain.errors import SynthBrainError
+from synthbrain.errors import ConfigError, SynthBrainError
 
 BUNDLE_STATE = "bundle_path"
 
@@ -71,9 +71,16 @@ def bundle_choices() -> list[BundleChoice]:
 
 
 def device() -> str:
-    import torch
+    """SYNTHBRAIN_DEVICE as the library's device picker reads ``--device`` (auto, cpu, cuda, cuda:N); a
+    name it refuses (``gpu``, a GPU this machine lacks) is a ConfigError the page shows."""
+    from synthbrain.training.loop import pick_device
 
-    return os.environ.get("SYNTHBRAIN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    raw = os.environ.get("SYNTHBRAIN_DEVICE", "").strip() or "auto"
+    try:
+        return str(pick_device(raw))
+    except ConfigError as e:  # the picker speaks of --device; here the setting is the variable
+        said = re.sub(r"^--device \S+: ", "", str(e)).replace("--device ", "SYNTHBRAIN_DEVICE=")
+        raise ConfigError(f"SYNTHBRAIN_DEVICE={raw}: {said}") from None
 
 
 @st.cache_resource(show_spinner="Loading the model bundle…")
@@ -197,14 +204,40 @@ def condition_inputs(schema, *, key: str, disabled: tuple[str, ...] = (),
     return out
 
 
-# an absolute path: a slash not inside a word or a number ("mL/year", "2/3" stay)
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/:;,'\"()\[\]]+/)*[^\s/:;,'\"()\[\]]+/?")
+# what public_message cuts, left to right, one match at a time: a URL (``sqlite:////srv/db/study.db``,
+# ``postgresql://user:secret@host/optuna``), a quoted absolute path (spaces and all), an unquoted one.
+# Unquoted, a folder name may hold spaces (``/srv/my models/b1/x.pt``: more path follows it); the last
+# part ends at a space, and whatever follows it stays as text. Cutting too much is the safe side.
+_PART = r"[^\s/:;,'\"()\[\]]+"
+_PUBLIC = re.compile(
+    r"(?P<url>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()\[\]<>]*[^\s'\"()\[\]<>.,;:])"
+    r"|(?P<q>['\"])(?P<quoted>~?/[^'\"\n]*)(?P=q)"
+    # a slash not inside a word or a number ("mL/year", "2/3" stay)
+    rf"|(?P<path>(?<![\w.~/-])~?/(?:{_PART}(?: {_PART})*/)*{_PART}/?)"
+)
+
+
+def _last_part(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or "/"
+
+
+def _public(m: re.Match) -> str:
+    if m["url"]:
+        scheme, rest = m["url"].split("://", 1)
+        rest = rest.split("?", 1)[0].split("#", 1)[0]
+        # the host part may hold a user and password: only the last path part is kept
+        name = rest.rstrip("/").rsplit("/", 1)[-1] if "/" in rest.rstrip("/") else ""
+        return f"{scheme}://…/{name}" if name else f"{scheme}://…"
+    if m["quoted"]:
+        return f"{m['q']}{_last_part(m['quoted'])}{m['q']}"
+    return _last_part(m["path"])
 
 
 def public_message(error: SynthBrainError | str) -> str:
-    """The message with every absolute path cut to its last part (the file or folder name): a
-    visitor learns which file is wrong, not how the server's disk is laid out."""
-    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", str(error))
+    """The message with every absolute path cut to its last part (the file or folder name) and every
+    URL to its scheme and last part: a visitor learns which file is wrong, not how the server's disk is
+    laid out, nor a database's host or password."""
+    return _PUBLIC.sub(_public, str(error))
 
 
 def show_error(error: SynthBrainError) -> None:

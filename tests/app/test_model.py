@@ -81,3 +81,16 @@ def test_tuning_summary_beside_the_trained_config_is_shown(monkeypatch, tmp_path
     assert table["psnr"] == [20.0, 24.0, 22.5] and table["width"] == [0.5, 1.0, 2.0]
     titles = {json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")}
     assert {"Optimization History Plot", "Hyperparameter Importances"} <= titles
+
+
+def test_an_unreadable_tuning_summary_is_named_without_its_folders(monkeypatch, tmp_path):
+    from synthbrain.tuning import SUMMARY
+
+    folder = shutil.copytree(demo_bundle_path(), tmp_path / "srv-private" / "bundle")
+    (folder / SUMMARY).write_text("{not json")
+    monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
+    at = open_page("model")
+    assert not at.exception
+    (warning,) = at.warning
+    assert SUMMARY in warning.value and "not a readable tuning summary" in warning.value
+    assert "srv-private" not in warning.value and str(tmp_path) not in warning.value
