@@ -58,10 +58,10 @@ def _out_file(value: Path | None, suffixes: tuple[str, ...] = ()) -> Path | None
     return None if value is None else check_output_file(value, suffixes)
 
 
-def _out_folder(value: Path) -> Path:
+def _out_folder(value: Path | None) -> Path | None:
     from synthbrain.outputs import check_output_folder
 
-    return check_output_folder(value)
+    return None if value is None else check_output_folder(value)
 
 
 def OutOpt(default, help: str, kind: str = "folder", suffixes: tuple[str, ...] = ()):  # noqa: N802 (an option)
@@ -111,7 +111,7 @@ def cohort(
     n: int = typer.Option(20, "--n", min=1, help="number of subjects"),
     grid: str = GridOpt,
     seed: int = typer.Option(0, "--seed", help="same seed, same cohort (byte for byte)"),
-    out: Path = typer.Option(..., "--out", help="folder for the BIDS dataset"),
+    out: Path = OutOpt(..., "folder for the BIDS dataset"),
     only: str | None = typer.Option(None, "--only", help="comma-separated labels: write just these subjects"),
 ) -> None:
     """Generate a phantom BIDS cohort from the MNI152 template (known true volumes)."""
@@ -186,8 +186,8 @@ def preprocess(
 def prepare(
     inputs: list[Path] = typer.Argument(..., help="BIDS dataset folders (every sub-*) and/or T1w NIfTI files"),
     grid: str = GridOpt,
-    out: Path | None = typer.Option(None, "--out", help="derivative dataset folder (default for one BIDS folder: "
-                                    "BIDS/derivatives/synthbrain, where training finds it)"),
+    out: Path | None = OutOpt(None, "derivative dataset folder (default for one BIDS folder: "
+                              "BIDS/derivatives/synthbrain, where training finds it)"),
     jobs: int = typer.Option(1, "--jobs", min=1, help="subjects prepared at once (processes)"),
     brain_extraction: str = typer.Option("auto", "--brain-extraction",
                                          help="auto (deepbet when installed), deepbet, or template (the MNI152 "
@@ -552,7 +552,7 @@ def tune_autoencoder_cmd(
     storage: str | None = StorageOpt,
     study: str = typer.Option("synthbrain-autoencoder", "--study", help="study name in the storage"),
     budget_steps: int = BudgetOpt,
-    out: Path = typer.Option(Path("tune-autoencoder"), "--out", help="trial runs, tuning.json/.html, best-config.json"),
+    out: Path = OutOpt(Path("tune-autoencoder"), "trial runs, tuning.json/.html, best-config.json"),
     config: Path | None = typer.Option(None, "--config", help="base config (JSON) the search starts from"),
     grid: str = GridOpt,
     reports: int = ReportsOpt,
@@ -576,7 +576,7 @@ def tune_prior_cmd(
     storage: str | None = StorageOpt,
     study: str = typer.Option("synthbrain-prior", "--study", help="study name in the storage"),
     budget_steps: int = BudgetOpt,
-    out: Path = typer.Option(Path("tune-prior"), "--out", help="trial runs, tuning.json/.html, best-config.json"),
+    out: Path = OutOpt(Path("tune-prior"), "trial runs, tuning.json/.html, best-config.json"),
     config: Path | None = typer.Option(None, "--config", help="base config (JSON) the search starts from"),
     reports: int = ReportsOpt,
     pruner: str = PrunerOpt,

@@ -15,6 +15,8 @@ NX = "/nonexistent-synthbrain-input"
 
 # command -> its arguments before --out (inputs that do not exist)
 COMMANDS = {
+    "cohort": ["cohort", "--n", "1"],  # no input to name: only the eager check stands before its work
+    "prepare": ["prepare", f"{NX}.nii.gz"],
     "measure": ["measure", f"{NX}.nii.gz"],
     "reconstruct": ["reconstruct", f"{NX}.nii.gz", "--bundle", NX],
     "sample": ["sample", "--bundle", NX, "--age", "70"],
@@ -22,6 +24,8 @@ COMMANDS = {
     "train prior": ["train", "prior", "--data", NX, "--bundle", NX],
     "audit": ["audit", "--bundle", NX, "--samples", NX, "--train", NX],
     "release": ["release", "--bundle", NX, "--n", "2", "--train", NX],
+    "tune autoencoder": ["tune", "autoencoder", "--data", NX],
+    "tune prior": ["tune", "prior", "--bundle", NX, "--data", NX],
 }
 FILE_OUTPUTS = {"measure": "volumes.tsv", "reconstruct": "rec.nii.gz"}
 

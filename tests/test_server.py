@@ -6,6 +6,7 @@ WebSocket whose Host header is a stranger's (DNS rebinding)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,12 +57,12 @@ def listening(port: int) -> list[str]:
     return found
 
 
-def start(cmd: list[str], tmp_path: Path, cwd: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start(cmd: list[str], tmp_path: Path, cwd: Path, **extra_env: str) -> tuple[subprocess.Popen, Path, Path]:
     """``cmd`` in a session (process group) of its own, with a private TMPDIR and a log file."""
     tmp, log = tmp_path / "tmp", tmp_path / "server.log"
     tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNTHBRAIN_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp), SYNTHBRAIN_DEVICE="cpu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTHBRAIN_", "STREAMLIT_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TMPDIR=str(tmp), SYNTHBRAIN_DEVICE="cpu", **extra_env)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, tmp, log
@@ -124,3 +125,29 @@ def test_plain_streamlit_run_is_local_contacts_nothing_and_refuses_strange_hosts
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+
+
+def test_the_readmes_allowed_hosts_let_the_public_name_in(tmp_path):
+    """The service unit's STREAMLIT_SERVER_ALLOWED_HOSTS, exactly as the README writes it: the proxy's
+    public name (its Host header) gets a session, a stranger's does not."""
+    (value,) = re.findall(r'^Environment="STREAMLIT_SERVER_ALLOWED_HOSTS=([^"]+)"$',
+                          (ROOT / "README.md").read_text(), flags=re.M)
+    assert value.split()[0] == "synthbrain.example.org"
+    port = free_port()
+    proc, _, log = start([sys.executable, "-m", "synthbrain", "app", "--port", str(port)], tmp_path, cwd=tmp_path,
+                         STREAMLIT_SERVER_ALLOWED_HOSTS=value)
+    try:
+        wait_for_health(proc, port, log)
+        # behind the proxy (proxy_set_header Host $host): the public name, no port, the page's https origin
+        assert websocket_status(port, "synthbrain.example.org", "https://synthbrain.example.org") \
+            == "HTTP/1.1 101 Switching Protocols"
+        assert websocket_status(port, f"localhost:{port}", f"http://localhost:{port}") \
+            == "HTTP/1.1 101 Switching Protocols"
+        assert websocket_status(port, "rebind.example", "https://rebind.example").split(" ", 1)[1] == "403 Forbidden"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
