@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -34,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from synthbrain.testing import CHECKPOINT_DAMAGE, TINY_AUTOENCODER  # noqa: E402  (shared with tests/)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = {"train": {"steps": 6, "batch_size": 2, "lr": 2e-3, "warmup_steps": 0, "val_every": 0, "ckpt_every": 2,
-                  "log_every": 1, "val_fraction": 0.25, "seed": 0},
-        "model": {"channels": [4, 8, 8], "num_res_channels": [4, 8, 8], "num_res_layers": 1, "num_embeddings": 32,
-                  "embedding_dim": 4}}
+TINY = {**TINY_AUTOENCODER, "train": {**TINY_AUTOENCODER["train"], "steps": 6, "val_every": 0, "ckpt_every": 2}}
 
 ENOSPC_RUN = """
 import errno, sys
@@ -68,22 +67,6 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def flip(p: Path) -> None:
-    raw = bytearray(p.read_bytes())
-    raw[len(raw) // 2] ^= 0x40
-    p.write_bytes(bytes(raw))
-
-
-DAMAGE = {
-    "truncated to 1,000 bytes": lambda d: (d / "tensors.safetensors").write_bytes(
-        (d / "tensors.safetensors").read_bytes()[:1000]),
-    "emptied": lambda d: (d / "tensors.safetensors").write_bytes(b""),
-    "one bit flipped": lambda d: flip(d / "tensors.safetensors"),
-    "a pickle in its place": lambda d: (d / "tensors.safetensors").write_bytes(pickle.dumps({"w": [1.0] * 100})),
-    "state.json cut short": lambda d: (d / "state.json").write_text('{"step": 4, "sampler": '),
-}
-
-
 def checkpoint_rows(base: Path) -> list[str]:
     from synthbrain.data.cohort import generate_cohort
     from synthbrain.training.checkpoint import list_checkpoints
@@ -95,7 +78,7 @@ def checkpoint_rows(base: Path) -> list[str]:
     r, _ = cli(*train, "--out", base / "part", "--config", config, "--steps", 4)
     assert r.returncode == 0, r.stderr
     rows = []
-    for how, damage in DAMAGE.items():
+    for how, damage in CHECKPOINT_DAMAGE.items():
         run = shutil.copytree(base / "part", base / f"run-{len(rows)}")
         damage(list_checkpoints(run)[-1])
         r, s = cli(*train, "--out", run, "--resume", "--steps", 6)

@@ -68,8 +68,7 @@ def gpu_plan() -> Plan:
 
 
 def dry_plan() -> Plan:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import TINY_AUTOENCODER, TINY_PRIOR
+    from synthbrain.testing import TINY_AUTOENCODER, TINY_PRIOR
 
     ae = json.loads(json.dumps(TINY_AUTOENCODER))
     ae["loss"] = {"adversarial": 0.01, "adversarial_start": 2}

@@ -32,3 +32,7 @@ class OutputPathError(SynthBrainError, ValueError):
 
 class UnpreparedVolumeError(InvalidVolumeError):
     """A volume that is not a brain-extracted T1 in MNI152 space (the message says to run ``synthbrain prepare``)."""
+
+
+class TrainingDiverged(SynthBrainError):
+    """Training whose loss became NaN or infinite; the message names the step and the losses."""

@@ -34,19 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthbrain.errors import ConfigError, SynthBrainError
+from synthbrain.errors import ConfigError, TrainingDiverged
 
 OnStep = Callable[[int, int, dict], None]
 STAGES = ("autoencoder", "prior")
+# study attributes a joining worker must match (attribute -> what it is called in the message)
+JOINED_ON = {"stage": "stage", "data": "data", "grid": "grid", "bundle": "bundle", "budget_steps": "--budget-steps",
+             "reports": "--reports", "base_config": "base config (--config)"}
 # stage -> (validation metric, direction)
 OBJECTIVES = {"autoencoder": ("psnr", "maximize"), "prior": ("loss", "minimize")}
 SUMMARY, SUMMARY_HTML, BEST_CONFIG = "tuning.json", "tuning.html", "best-config.json"
 WIDTHS = (0.5, 1.0, 2.0)          # multipliers of the base config's channels
 CODEBOOK_SIZES = (64, 128, 256, 512, 1024, 2048)
-
-
-class TrialDiverged(SynthBrainError):
-    """A trial whose training diverged: recorded as failed, and the worker goes on to the next trial."""
 
 
 @dataclass(frozen=True)
@@ -189,22 +188,26 @@ def open_study(url: str, name: str, settings: TuneSettings, meta: dict, pruner=N
     import optuna
 
     metric, direction = OBJECTIVES[settings.stage]
-    if pruner is None:
+    if pruner is None:  # never at a trial's first report (step val_every): one validation is too early to judge
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup_trials,
-                                              n_warmup_steps=settings.val_every)
+                                              n_warmup_steps=settings.val_every + 1)
                   if settings.pruner == "median" else optuna.pruners.NopPruner())
     sampler = optuna.samplers.TPESampler(seed=settings.seed)
     study = optuna.create_study(storage=storage_for(url), study_name=name, direction=direction,
                                 load_if_exists=True, pruner=pruner, sampler=sampler)
     old = study.user_attrs
+    meta = json.loads(json.dumps(meta))  # as the storage holds it (tuples become lists)
     if not old:
         for k, v in meta.items():
             study.set_user_attr(k, v)
     else:
-        for k in ("stage", "data", "grid", "bundle", "budget_steps"):
+        for k, label in JOINED_ON.items():
+            if k not in old and k == "reports":  # a study made before reports were recorded
+                continue
             if old.get(k) != meta.get(k):
-                raise ConfigError(f"study {name!r} in {safe_url(url)} was made with {k} {old.get(k)!r}, not "
-                                  f"{meta.get(k)!r}: join it with the same arguments or choose another --study")
+                was = f"another {label}" if k == "base_config" else f"{label} {old.get(k)!r}, not {meta.get(k)!r}"
+                raise ConfigError(f"study {name!r} in {safe_url(url)} was made with {was}: join it with the same "
+                                  "arguments or choose another --study")
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} {direction}s nothing: it was created to {study.direction.name.lower()}")
     return study
@@ -262,7 +265,7 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
         dataset.prepare()
     meta = {"stage": stage, "data": str(Path(data).resolve()), "grid": grid, "budget_steps": settings.budget_steps,
             "bundle": str(Path(bundle).resolve()) if bundle else None, "base_config": base,
-            "metric": OBJECTIVES[stage][0]}
+            "reports": settings.reports, "metric": OBJECTIVES[stage][0]}
     metric = OBJECTIVES[stage][0]
 
     def objective(trial) -> float:
@@ -295,10 +298,6 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
         try:
             _train(stage, data, run_dir, grid, bundle, run_dir / "config.json", device, extra_conditions,
                    on_train_step, on_validate)
-        except SynthBrainError as e:
-            if "diverged" in str(e):
-                raise TrialDiverged(str(e)) from None
-            raise
         finally:
             if dist.is_main:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -322,12 +321,12 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
         if not dist.is_main:  # the other ranks of a torchrun worker follow rank 0's trials
             dist.barrier()
             for _ in range(settings.trials):
-                with contextlib.suppress(optuna.TrialPruned, TrialDiverged):
+                with contextlib.suppress(optuna.TrialPruned, TrainingDiverged):
                     objective(None)
             return {}
         study = open_study(storage, study_name, settings, meta, pruner)
         dist.barrier()
-        study.optimize(objective, n_trials=settings.trials, callbacks=[after_trial], catch=(TrialDiverged,))
+        study.optimize(objective, n_trials=settings.trials, callbacks=[after_trial], catch=(TrainingDiverged,))
         return write_summary(study, out, storage)
 
 
@@ -483,20 +482,30 @@ trials: {html.escape(counts)}; {html.escape(head)}. Storage {html.escape(d['stor
 
 def find_summary(bundle_path: Path | None, config: dict | None = None) -> Path | None:
     """The tuning summary that belongs to a bundle, if any: ``tuning.json`` in the bundle, beside it (the
-    run folder), or beside the ``--config`` file that a stage of the bundle was trained with."""
+    run folder), or beside the ``--config`` file that a stage of the bundle was trained with (its absolute
+    path, which training records as ``config_file``; for bundles from before that, an absolute ``--config``
+    of the recorded command lines: a relative one named a file in a working folder that is not known)."""
     if bundle_path is None:
         return None
     bundle_path = Path(bundle_path)
     places = [bundle_path / SUMMARY, bundle_path.parent / SUMMARY]
     for stage in STAGES:
-        for command in ((config or {}).get(stage) or {}).get("commands", []) or []:
+        info = (config or {}).get(stage) or {}
+        if info.get("config_file"):
+            places.append(Path(info["config_file"]).parent / SUMMARY)
+        for command in info.get("commands", []) or []:
             try:
                 parts = shlex.split(command)  # the command line as training recorded it (shlex-quoted)
             except ValueError:
                 continue
-            for flag, value in zip(parts, parts[1:]):
-                if flag == "--config":
-                    places.append(Path(value).expanduser().parent / SUMMARY)
+            for flag, value in zip(parts, [*parts[1:], ""]):
+                if flag.startswith("--config="):
+                    value = flag.split("=", 1)[1]
+                elif flag != "--config":
+                    continue
+                path = Path(value).expanduser()
+                if path.is_absolute():
+                    places.append(path.parent / SUMMARY)
     return next((p for p in places if p.is_file()), None)
 
 

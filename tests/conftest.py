@@ -206,18 +206,8 @@ def cohort_copy(phantom_cohort, tmp_path) -> PhantomCohort:
 
 # ------------------------------------------------------------------------------------ tiny models
 
-TINY_AUTOENCODER = {
-    "train": {"steps": 8, "batch_size": 2, "lr": 2e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 2,
-              "log_every": 1, "val_fraction": 0.25, "seed": 0},
-    "model": {"channels": [4, 8, 8], "num_res_channels": [4, 8, 8], "num_res_layers": 1, "num_embeddings": 32,
-              "embedding_dim": 4},
-}
-TINY_PRIOR = {
-    "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 4,
-              "log_every": 1, "val_fraction": 0.25, "seed": 0},
-    "model": {"channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 16,
-              "norm_num_groups": 16, "default_steps": 3},
-}
+# defined in the package, so that benchmarks/ use the same ones without importing this file
+from synthbrain.testing import TINY_AUTOENCODER, TINY_PRIOR  # noqa: E402
 
 
 def subprocess_env() -> dict:

@@ -1,13 +1,13 @@
 """Crash-safe training: checkpoints carry the sha256 of their files; on resume a damaged newest
-checkpoint is skipped with a warning (through the progress callback) and the one before it resumes
-the run to the weights of the uninterrupted run; a full disk while writing a checkpoint is one line
-and exit code 2 from the CLI, and leaves the previous checkpoint usable."""
+checkpoint is skipped with a warning (through the progress callback), set aside, and the one before it
+resumes the run to the weights of the uninterrupted run; a full disk while writing a checkpoint is one
+line and exit code 2 from the CLI, and leaves the previous checkpoint usable."""
 
 from __future__ import annotations
 
 import errno
 import json
-import pickle
+import os
 import shutil
 import sys
 
@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_AUTOENCODER, write_json
 from safetensors.torch import load_file
 
+from synthbrain.testing import CHECKPOINT_DAMAGE
 from synthbrain.training import checkpoint as ckpt
 from synthbrain.training.autoencoder import train_autoencoder
 from synthbrain.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -39,23 +40,6 @@ def _weights(run):
     return {k: v for k, v in t.items() if k.startswith("net/")}
 
 
-def _flip(p):
-    raw = bytearray(p.read_bytes())
-    raw[len(raw) // 2] ^= 0x40  # one bit in the middle of the tensor data
-    p.write_bytes(bytes(raw))
-
-
-DAMAGE = {
-    "truncated": lambda d: (d / "tensors.safetensors").write_bytes((d / "tensors.safetensors").read_bytes()[:1000]),
-    "empty": lambda d: (d / "tensors.safetensors").write_bytes(b""),
-    "flipped bit": lambda d: _flip(d / "tensors.safetensors"),
-    "a pickle in its place": lambda d: (d / "tensors.safetensors").write_bytes(pickle.dumps({"w": [1.0] * 100})),
-    "state.json garbled": lambda d: (d / "state.json").write_text('{"step": 4, "sampler": '),
-    "checksums.json missing, file foreign": lambda d: ((d / "checksums.json").unlink(),
-                                                      (d / "tensors.safetensors").write_bytes(b"PK\x03\x04" * 64)),
-}
-
-
 def test_a_checkpoint_lists_the_sha256_of_its_files(runs):
     import hashlib
 
@@ -66,12 +50,12 @@ def test_a_checkpoint_lists_the_sha256_of_its_files(runs):
     assert ckpt.verify_checkpoint(newest)
 
 
-@pytest.mark.parametrize("how", list(DAMAGE))
+@pytest.mark.parametrize("how", list(CHECKPOINT_DAMAGE))
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_path, how):
     run = shutil.copytree(runs / "part", tmp_path / "run")
     newest = list_checkpoints(run)[-1]
     assert newest.name == "step-0000004"
-    DAMAGE[how](newest)
+    CHECKPOINT_DAMAGE[how](newest)
     with pytest.raises(CheckpointError, match="step-0000004"):
         load_checkpoint(newest)
     warnings = []
@@ -81,6 +65,39 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_pa
     assert warnings[0].startswith("skipped checkpoint step-0000004") and "resuming from step-0000002" in warnings[0]
     mine, want = _weights(run), _weights(runs / "full")
     assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_not_counted_when_pruning(runs, tmp_path):
+    """Checkpoints 4 and 6, 6 damaged, resumed to step 5 (keep 2): 6 is renamed out of the way, so saving 5
+    keeps 4 and 5 (were 6 still counted, 4 would be pruned, leaving 5 and the damaged 6)."""
+    run = shutil.copytree(runs / "full", tmp_path / "run")
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000004", "step-0000006"]
+    CHECKPOINT_DAMAGE["one bit flipped"](run / "checkpoints" / "step-0000006")
+    warnings = []
+    train_autoencoder(runs / "data", run, grid="tiny", steps=5, resume=True,
+                      on_step=lambda i, n, info: "warning" in info and warnings.append(info["warning"]))
+    assert warnings == [warnings[0]] and "set aside as .damaged-step-0000006" in warnings[0]
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000004", "step-0000005"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ".damaged-step-0000006", "step-0000004", "step-0000005"]
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(run / "checkpoints" / ".damaged-step-0000006")  # kept for a look, not resumed from
+    assert load_checkpoint(list_checkpoints(run)[-1])[1]["step"] == 5
+
+
+def test_a_folder_sync_failing_after_the_rename_says_the_checkpoint_was_written(tmp_path, monkeypatch):
+    real = ckpt._fsync_dir
+
+    def failing(path):
+        if path.name == "checkpoints":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real(path)
+
+    monkeypatch.setattr(ckpt, "_fsync_dir", failing)
+    with pytest.raises(CheckpointError, match="step-0000003 was written, but the folder could not be synced"):
+        ckpt.save_checkpoint(tmp_path, 3, {"w": torch.ones(2)}, {"step": 3})
+    tensors, state = load_checkpoint(tmp_path / "checkpoints" / "step-0000003")
+    assert state["step"] == 3 and torch.equal(tensors["w"], torch.ones(2))
 
 
 def test_no_readable_checkpoint_is_one_error_naming_each(runs, tmp_path):

@@ -181,10 +181,27 @@ def test_each_rank_restores_its_own_rng_state_and_a_new_rank_keeps_its_seed():
     assert torch.equal(torch.rand(4), fresh)
 
 
-def test_rng_state_of_a_machine_with_more_gpus_loads_on_the_cpu():
-    """Older checkpoints held every GPU's state under rng/cuda/<gpu>: on a machine without those GPUs
-    they load (rank 0's CPU state), instead of failing in set_rng_state_all."""
-    old = {"rng/torch": _states(9)["torch"], **{f"rng/cuda/{i}": torch.zeros(16, dtype=torch.uint8) for i in range(8)}}
+def test_rng_state_of_a_machine_with_more_gpus_loads_on_the_cpu_and_on_fewer_gpus(monkeypatch):
+    """Older checkpoints held every GPU's state under rng/cuda/<gpu> (8 GPUs here). On the CPU they load
+    rank 0's CPU state and touch no GPU; on a GPU, only that GPU's own state is set, on that GPU (not
+    set_rng_state_all over 8 GPUs the machine lacks). Per-rank states go to the rank's own GPU. The CUDA
+    setter is recorded instead of called: this machine has no GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((int(state[0]), device)))
+    gpu_states = {f"rng/cuda/{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(8)}
+    old = {"rng/torch": _states(9)["torch"], **gpu_states}
+    meta = ckpt.rng_state()[1]
     torch.manual_seed(0)
-    assert ckpt.set_rng_state(old, ckpt.rng_state()[1], rank=0, device=torch.device("cpu"))
+    assert ckpt.set_rng_state(old, meta, rank=0, device=torch.device("cpu"))
     assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(9)))
+    assert calls == []
+
+    gpu1 = torch.device("cuda", 1)
+    assert ckpt.set_rng_state(old, meta, rank=0, device=gpu1)
+    assert calls == [(1, gpu1)]
+
+    calls.clear()  # per-rank states: rank 1 of a run resumed on one GPU per rank, its GPU being cuda:0
+    per_rank = {f"rng/rank{r}/{k}": v for r in (0, 1) for k, v in
+                {"torch": _states(r)["torch"], "cuda": torch.full((16,), 10 + r, dtype=torch.uint8)}.items()}
+    assert ckpt.set_rng_state(per_rank, meta, rank=1, device=torch.device("cuda", 0))
+    assert calls == [(11, torch.device("cuda", 0))]

@@ -86,9 +86,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", HOLD_AT, str(data), str(tmp_path / "killed"), str(config), "12"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # the condition: checkpoint 6 is complete (the run holds at step 12, so it is still running)
+        # the condition: checkpoint 6 is complete (the run holds at step 12, so it is still running); the
+        # deadline is far beyond any healthy run, so that a stalled one fails instead of hanging the suite
+        deadline = time.monotonic() + 300
         while _newest_step(tmp_path / "killed") < 6:
             assert proc.poll() is None, f"the run ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint 6 after 300 s: the run stalled"
             time.sleep(0.05)
         assert proc.poll() is None
     finally:
@@ -103,6 +106,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
     resume = [sys.executable, "-m", "synthbrain", "train", "autoencoder", "--data", str(data),
               "--out", str(tmp_path / "killed"), "--grid", "tiny", "--device", "cpu", "--resume"]
     subprocess.run(resume, check=True, env=env, capture_output=True)  # the config comes from run.json
+    recorded = json.loads((tmp_path / "killed" / "bundle" / "config.json").read_text())["autoencoder"]
+    assert recorded["config_file"] == str(config.resolve())  # the first run's --config, kept by the resume
 
     a = load_file(str(tmp_path / "full" / "bundle" / "autoencoder.safetensors"))
     b = load_file(str(tmp_path / "killed" / "bundle" / "autoencoder.safetensors"))

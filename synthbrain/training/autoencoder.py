@@ -168,6 +168,15 @@ def run_commands(run_dir: Path) -> list[str]:
     return json.loads(path.read_text()).get("commands", []) if path.is_file() else []
 
 
+def recorded_config_file(run_dir: Path, resume: bool, config_file: Path | None) -> str | None:
+    """The absolute path of the run's ``--config`` (a resumed run keeps the one it started with): the
+    bundle records it, so that the app finds a tuning summary beside it whatever the working folder."""
+    if config_file is not None:
+        return str(Path(config_file).expanduser().resolve())
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()).get("config_file") if resume and path.is_file() else None
+
+
 def resolve_config(run_dir: Path, resume: bool, config_file: Path | None, overrides: dict[str, Any],
                    cls=AutoencoderTraining):
     """The run's config: a resumed run keeps the one in run.json (only ``steps`` may grow)."""
@@ -195,6 +204,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
     dev = pick_device(device)
     check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps})
+    cfg_file = recorded_config_file(run_dir, resume, config_file)
     try:  # before any data is read or written
         cfg.model.check_size_budget(get_grid(grid).shape)
     except ConfigError as e:
@@ -212,8 +222,8 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
             run_dir.mkdir(parents=True, exist_ok=True)
             probe.prepare()
             write_run_json(run_dir, {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,
-                                     "config": cfg.to_dict(), "train_subjects": train_ids, "val_subjects": val_ids,
-                                     "world_size": dist.world_size})
+                                     "config": cfg.to_dict(), "config_file": cfg_file, "train_subjects": train_ids,
+                                     "val_subjects": val_ids, "world_size": dist.world_size})
         dist.barrier()
         train_vols = load_volumes(train_ds, range(len(train_ds)))
         val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
@@ -230,7 +240,7 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
             config["autoencoder"] = {
                 "config": cfg.model.to_dict(), "loss": cfg.loss.to_dict(), "train": cfg.train.to_dict(),
                 "steps_trained": trainer.step, "seed": cfg.train.seed, "command": command_line(),
-                "commands": run_commands(run_dir),
+                "commands": run_commands(run_dir), "config_file": cfg_file,
                 "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
                 "compression": cfg.model.compression(train_ds.grid.shape),
             }

@@ -6,7 +6,9 @@ scaler, numpy / Python RNG states, the loop's position in the data) and ``checks
 sha256 of the other two). It is written into a hidden temporary folder, fsynced and renamed into
 place, so a run killed at any moment leaves either the complete checkpoint or none; the newest
 ``keep`` checkpoints are kept. A checkpoint damaged later (a truncated copy, flipped bits, another
-file put in its place) fails its checksums when it is read, and the loop falls back to an older one.
+file put in its place) fails its checksums when it is read, and the loop falls back to an older one;
+the damaged one is set aside as ``checkpoints/.damaged-step-000123`` (no longer a checkpoint of the run,
+so it is neither resumed from nor counted when old checkpoints are pruned).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from synthbrain.errors import SynthBrainError
 
 PREFIX = "step-"
+DAMAGED = ".damaged-"
 CHECKSUMS = "checksums.json"
 FILES = ("tensors.safetensors", "state.json")
 
@@ -156,7 +159,6 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in list_checkpoints(run_dir) if p != final]
@@ -166,6 +168,11 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:  # the rename itself made durable; the checkpoint is complete and in place either way
+        _fsync_dir(ckpt_root)
+    except OSError as e:
+        raise CheckpointError(f"{ckpt_root}: checkpoint {final.name} was written, but the folder could not be "
+                              f"synced to disk ({e.strerror or e}); a power failure now may lose it") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-*"):  # left by a run killed mid-write
@@ -212,17 +219,39 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_newest_checkpoint(found: list[Path], on_skip: Callable[[str], None] | None = None,
-                           ) -> tuple[Path, dict[str, torch.Tensor], dict]:
+                           set_aside: bool = True) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """The newest readable checkpoint of ``found`` (oldest first): a damaged one is skipped, with
-    its reason passed to ``on_skip(message)``, and the one before it is tried."""
-    problems = []
+    its reason passed to ``on_skip(message)``, and the one before it is tried. Once one is read, the
+    damaged newer ones are renamed ``.damaged-step-N`` (``set_aside``; under DDP only rank 0 renames):
+    left in place, they would count among the ``keep`` newest and the next save would prune a good one.
+    If none is readable, nothing is renamed and the error names each."""
+    problems: list[tuple[Path, CheckpointError]] = []
     for path in reversed(found):
         try:
-            return (path, *load_checkpoint(path))
+            loaded = load_checkpoint(path)
         except CheckpointError as e:
-            problems.append(str(e))
-            older = [p for p in found if p.name < path.name]
-            if older and on_skip is not None:
-                on_skip(f"skipped checkpoint {e}; resuming from {older[-1].name}")
+            problems.append((path, e))
+            continue
+        for bad, e in problems:
+            note = ""
+            if set_aside:
+                note = _set_aside(bad)
+            if on_skip is not None:
+                on_skip(f"skipped checkpoint {e}{note}; resuming from {path.name}")
+        return (path, *loaded)
     where = found[-1].parent if found else "checkpoints"
-    raise CheckpointError(f"{where}: no readable checkpoint to resume from ({'; '.join(problems)})")
+    reasons = "; ".join(str(e) for _, e in problems)
+    raise CheckpointError(f"{where}: no readable checkpoint to resume from ({reasons})")
+
+
+def _set_aside(path: Path) -> str:
+    """Rename a damaged checkpoint out of the run's checkpoints (an older damaged copy of that step is
+    replaced); returns the note for the warning."""
+    target = path.with_name(DAMAGED + path.name)
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    except OSError as e:
+        return f" (could not be set aside: {e.strerror or e})"
+    return f" (set aside as {target.name})"

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from synthbrain.errors import ConfigError, SynthBrainError
+from synthbrain.errors import ConfigError, SynthBrainError, TrainingDiverged
 from synthbrain.training import checkpoint as ckpt
 
 OnStep = Callable[[int, int, dict], None]
@@ -356,7 +356,7 @@ class Trainer:
     def restore(self, found: list[Path]) -> Path:
         """Restore the newest readable checkpoint of ``found`` (oldest first); a damaged one is
         skipped with a warning. Returns the checkpoint used."""
-        path, tensors, state = ckpt.load_newest_checkpoint(found, self._warn)
+        path, tensors, state = ckpt.load_newest_checkpoint(found, self._warn, set_aside=self.dist.is_main)
         try:
             for name, net in self.stage.networks.items():
                 prefix = f"net/{name}/"
@@ -427,7 +427,7 @@ class Trainer:
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
                 finite = bool(flag.item())
             if not finite:
-                raise SynthBrainError(f"training diverged at step {self.step}: {sums}")
+                raise TrainingDiverged(f"training diverged at step {self.step}: {sums}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 now = time.perf_counter()
                 sums["steps_per_s"] = (self.step - s_last) / max(now - t_last, 1e-9)

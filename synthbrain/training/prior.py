@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 from synthbrain.models.prior import Prior, PriorConfig
-from synthbrain.training.autoencoder import command_line, resolve_config, run_commands, write_run_json
+from synthbrain.training.autoencoder import (
+    command_line,
+    recorded_config_file,
+    resolve_config,
+    run_commands,
+    write_run_json,
+)
 from synthbrain.training.loop import (
     DistContext,
     OnValidate,
@@ -154,6 +160,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
     dev = pick_device(device)
     check_run_dir(run_dir, resume)
     cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls=PriorTraining)
+    cfg_file = recorded_config_file(run_dir, resume, config_file)
     with distributed(dev) as dist:
         if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
             torch.cuda.set_device(dev)
@@ -166,7 +173,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_json(run_dir, {"stage": "prior", "bundle": str(Path(bundle).resolve()),
                                      "data": str(Path(data).resolve()), "config": cfg.to_dict(),
-                                     "train_subjects": train_ids, "val_subjects": val_ids,
+                                     "config_file": cfg_file, "train_subjects": train_ids, "val_subjects": val_ids,
                                      "world_size": dist.world_size})
             full.prepare()
             cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
@@ -192,7 +199,7 @@ def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: in
             config["prior"] = {
                 "config": cfg.model.to_dict(), "train": cfg.train.to_dict(), "ema_decay": cfg.ema_decay,
                 "latent_scale_factor": scale, "steps_trained": trainer.step, "seed": cfg.train.seed,
-                "command": command_line(), "commands": run_commands(run_dir),
+                "command": command_line(), "commands": run_commands(run_dir), "config_file": cfg_file,
                 "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
                 "weights": "exponential moving average",
             }

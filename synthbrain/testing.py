@@ -1,0 +1,49 @@
+"""Fixtures shared by ``tests/`` and ``benchmarks/``: tiny training configs (a few channels, the 5 mm
+``tiny`` grid; they train in seconds on a CPU) and the ways a checkpoint gets damaged on disk.
+
+Nothing here is used by the library itself."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+TINY_AUTOENCODER = {
+    "train": {"steps": 8, "batch_size": 2, "lr": 2e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 2,
+              "log_every": 1, "val_fraction": 0.25, "seed": 0},
+    "model": {"channels": [4, 8, 8], "num_res_channels": [4, 8, 8], "num_res_layers": 1, "num_embeddings": 32,
+              "embedding_dim": 4},
+}
+TINY_PRIOR = {
+    "train": {"steps": 8, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "val_every": 4, "ckpt_every": 4,
+              "log_every": 1, "val_fraction": 0.25, "seed": 0},
+    "model": {"channels": [16, 32], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 16,
+              "norm_num_groups": 16, "default_steps": 3},
+}
+
+
+def _flip_a_bit(p: Path) -> None:
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0x40  # one bit in the middle of the tensor data
+    p.write_bytes(bytes(raw))
+
+
+def _foreign(d: Path) -> None:
+    (d / "checksums.json").unlink()
+    (d / "tensors.safetensors").write_bytes(b"PK\x03\x04" * 64)  # a zip header: someone else's file
+
+
+def _tensors(d: Path) -> Path:
+    return d / "tensors.safetensors"
+
+
+# description -> damage done to a checkpoint folder (``checkpoints/step-N``) of a step after 2
+CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
+    "truncated to 1,000 bytes": lambda d: _tensors(d).write_bytes(_tensors(d).read_bytes()[:1000]),
+    "emptied": lambda d: _tensors(d).write_bytes(b""),
+    "one bit flipped": lambda d: _flip_a_bit(_tensors(d)),
+    "a pickle in its place": lambda d: _tensors(d).write_bytes(pickle.dumps({"w": [1.0] * 100})),
+    "state.json cut short": lambda d: (d / "state.json").write_text('{"step": 4, "sampler": '),
+    "checksums.json deleted, a foreign file in its place": _foreign,
+}
