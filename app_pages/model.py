@@ -37,8 +37,26 @@ with config:
     st.markdown("**config.json**")
     st.json(bundle.config, expanded=1)
 with metrics:
+    from synthbrain.model_card import PICTURES, headline, metric_tables
+
     if bundle.metrics:
-        st.json(bundle.metrics, expanded=2)
+        shown = headline(bundle.metrics)  # the figures a reader looks for first
+        if shown:
+            for col, (label, value) in zip(st.columns(len(shown)), shown):
+                col.metric(label, value)
+        tables = metric_tables(bundle.metrics)
+        for table in tables:
+            st.markdown(f"**{table.title}**")
+            st.table(pd.DataFrame([{"Metric": r.label, "Value": r.value, "Unit": r.unit} for r in table.rows]),
+                     hide_index=True)
+            for note in table.notes:
+                st.caption(note)
+            if not table.name:
+                for file, (section, caption) in PICTURES.items():
+                    if section == table.section and bundle.path and (bundle.path / file).is_file():
+                        st.image((bundle.path / file).read_bytes(), caption=caption.replace("`", ""))
+        with st.expander("metrics.json (raw)"):
+            st.json(bundle.metrics, expanded=2)
     else:
         st.markdown("_No metrics.json in this bundle yet (`synthbrain evaluate` writes it)._")
 with curves:

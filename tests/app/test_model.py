@@ -94,3 +94,44 @@ def test_an_unreadable_tuning_summary_is_named_without_its_folders(monkeypatch, 
     (warning,) = at.warning
     assert SUMMARY in warning.value and "not a readable tuning summary" in warning.value
     assert "srv-private" not in warning.value and str(tmp_path) not in warning.value
+
+
+def test_metrics_are_rounded_tables_with_units_and_the_bundles_pictures(monkeypatch, tmp_path):
+    """Adherence, diversity, fidelity: figures with units and sensible rounding, pictures from the bundle
+    folder, and the raw metrics.json only inside its expander."""
+    import re
+    from io import BytesIO
+
+    from PIL import Image
+
+    folder = shutil.copytree(demo_bundle_path(), tmp_path / "bundle")
+    bundle = load_bundle(folder)
+    png = BytesIO()
+    Image.new("L", (24, 12), 128).save(png, format="PNG")
+    (folder / "reconstruction.png").write_bytes(png.getvalue())
+    monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(folder))
+    at = open_page("model")
+    assert not at.exception
+    m = bundle.metrics
+    metrics = {e.label: e.value for e in at.metric}
+    assert metrics["Reconstruction PSNR"] == f"{m['autoencoder']['psnr']:.2f} dB"
+    assert metrics["Reconstruction SSIM"] == f"{m['autoencoder']['ssim']:.3f}"
+    assert metrics["Ventricles r"] == f"{m['prior']['ventricular_volume_adherence']['r']:.3f}"
+    assert metrics["Ventricles MAE"] == f"{m['prior']['ventricular_volume_adherence']['mae']:.1f} mL"
+    tables = {}
+    for t in at.table:
+        rows = frame(t.value)
+        tables.update({label: (value, unit) for label, value, unit in zip(rows["Metric"], rows["Value"], rows["Unit"])})
+    assert tables["PSNR in the brain"] == (f"{m['autoencoder']['psnr_brain']:.2f}", "dB")
+    assert tables["MS-SSIM synthetic same condition"] == (
+        f"{m['prior']['diversity']['ms_ssim_synthetic_same_condition']:.3f}", "")
+    assert tables["bias (measured - requested)"][1] == "mL"
+    assert "lower = more diverse" in texts(at)  # the diversity note beside its table
+    # no raw float anywhere outside the expander
+    shown = texts(at) + " ".join(f"{e.value}" for e in at.metric) + " ".join(t.value.to_string() for t in at.table)
+    assert not re.findall(r"\d\.\d{6,}", shown)
+    (raw,) = at.expander
+    assert raw.label == "metrics.json (raw)" and len(raw.get("json")) == 1
+    # reconstruction.png, shown from the bundle folder beside the autoencoder's figures
+    assert any("its reconstruction" in img.proto.imgs[0].caption for img in at.get("image"))
+
