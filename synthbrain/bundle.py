@@ -212,18 +212,27 @@ def _load_weights(path: Path, component: str, cfg: dict) -> dict:
 
 
 def _build(component: str, cfg: dict, state: dict, grid: Grid, schema: ConditionSchema, path: Path):
+    import torch
+
     from synthbrain.models.autoencoder import autoencoder_config_from_dict, build_autoencoder
 
     try:
-        if component == "autoencoder":
-            model = build_autoencoder(autoencoder_config_from_dict(cfg["autoencoder"]["config"]))
-        else:
-            from synthbrain.models.prior import Prior, PriorConfig
+        # built on the meta device and given the file's tensors (assign): the weights are in memory once,
+        # not a random initialisation plus a copy (2.2 GB saved on the published 553 M-parameter prior)
+        with torch.device("meta"):
+            if component == "autoencoder":
+                model = build_autoencoder(autoencoder_config_from_dict(cfg["autoencoder"]["config"]))
+            else:
+                from synthbrain.models.prior import Prior, PriorConfig
 
-            ae_cfg = autoencoder_config_from_dict(cfg["autoencoder"]["config"])
-            model = Prior(PriorConfig.from_dict(cfg["prior"]["config"]), latent_shape=ae_cfg.latent_shape(grid.shape),
-                          condition_width=schema.width)
-        model.load_state_dict(state, strict=True)
+                ae_cfg = autoencoder_config_from_dict(cfg["autoencoder"]["config"])
+                model = Prior(PriorConfig.from_dict(cfg["prior"]["config"]),
+                              latent_shape=ae_cfg.latent_shape(grid.shape), condition_width=schema.width)
+        own = model.state_dict()
+        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}  # float16 files: float32
+        model.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise RuntimeError("a tensor of the network is not in the file")
     except SynthBrainError as e:
         raise BundleError(f"{path}: {component} config is invalid ({e})") from None
     except (KeyError, TypeError) as e:

@@ -311,3 +311,43 @@ def test_cli_imports_and_refuses_in_one_line(zoo, tmp_path):
     missing = run(tmp_path / "nowhere", "--out", tmp_path / "x")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert "nowhere: folder not found" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------ sampling on a CPU
+
+
+def test_sliced_decode_equals_the_whole_decode_without_running_a_block_whole(imported):
+    from synthbrain.sampling import Generator
+
+    b = load_bundle(imported)
+    z = torch.randn(1, 3, 4, 6, 4, generator=torch.Generator().manual_seed(2))
+    calls = []
+    for blk in b.autoencoder.net.decoder.blocks:
+        blk.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        whole = b.autoencoder.decode(z)
+        assert calls  # the hooks see a whole decode
+        for rows in (5, 8, 64):  # uneven slabs, even ones, one slab
+            calls.clear()
+            sliced = b.autoencoder.decode_sliced(z, rows=rows)
+            assert not calls  # every block ran in slabs, none on the whole tensor
+            assert sliced.shape == whole.shape == (1, 1, *TINY.shape)
+            assert (sliced - whole).abs().max() <= 1e-5 * max(1.0, float(whole.abs().max()))
+    gens = {d: Generator(b, device="cpu", precision="fp32", decode=d) for d in ("whole", "sliced")}
+    assert Generator(b, device="cpu").sliced_decode is False  # auto: only at the 1 mm grid
+    vols = {d: g.sample({"age": 0.3}, seed=1, steps=2)[0].volume.data for d, g in gens.items()}
+    assert np.abs(vols["whole"] - vols["sliced"]).max() <= 1e-5
+
+
+def test_few_step_solver_runs_on_the_bundles_own_schedule(imported):
+    from monai.networks.schedulers import DDIMScheduler
+
+    from synthbrain.sampling import Generator
+
+    gen = Generator(load_bundle(imported), device="cpu")
+    ref = DDIMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0205,
+                        clip_sample=False)
+    solver = gen.new_scheduler(4)
+    assert torch.allclose(solver.betas, ref.betas.float()) and solver.config.prediction_type == "epsilon"
+    assert solver.config.algorithm_type == "dpmsolver++" and len(solver.timesteps) == 4
+    assert gen.config.default_steps < 50  # fewer than the reference's 50 DDIM steps

@@ -128,6 +128,16 @@ class KLAutoencoder(nn.Module):
         """Latent (B, C, x, y, z) -> volume (B, 1, X, Y, Z)."""
         return self.net.decode(q)
 
+    def decode_sliced(self, q: torch.Tensor, rows: int = 8) -> torch.Tensor:
+        """:meth:`decode` in bounded memory, equal up to float rounding (synthbrain.models.sliced_decode);
+        a decoder with blocks that cannot be sliced (attention) is decoded whole."""
+        from synthbrain.models.sliced_decode import NotSliceable, sliced_decode
+
+        try:
+            return sliced_decode(self.net, q, rows=rows)
+        except NotSliceable:
+            return self.decode(q)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (reconstruction from the posterior mean, zero loss, latent), as the VQ-VAE returns."""
         z = self.encode(x)
