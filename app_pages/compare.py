@@ -10,6 +10,8 @@ from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
 
 RESULT = "cmp_result"            # this session's latest CompareResult
+THRESHOLD = "cmp_threshold"      # the overlay threshold slider
+THRESHOLD_FOR = "cmp_threshold_for"  # the result key that slider was set for
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -66,11 +68,19 @@ if result.details:
     st.caption(result.details)
 c1, c2 = st.columns(2)
 opacity = c1.slider("Difference overlay opacity", 0.0, 1.0, 0.7, step=0.05, key="cmp_opacity")
-threshold = c2.slider("Hide differences smaller than", 0.0, 0.2, 0.03, step=0.01, key="cmp_threshold",
-                      help="Intensities are normalised to [0, 1]; red: reconstruction brighter, blue: darker.")
+if st.session_state.get(THRESHOLD_FOR) != result.key:
+    # a new result: start from its own robust threshold (only its 5 % largest differences in the brain coloured)
+    st.session_state[THRESHOLD] = result.diff_threshold
+    st.session_state[THRESHOLD_FOR] = result.key
+top = max(0.2, round(result.diff_top + 0.05, 2))
+threshold = c2.slider("Hide differences smaller than", 0.0, top, step=0.005, key=THRESHOLD, format="%.3f",
+                      help="Intensities are normalised to [0, 1]. The default colours only the 5 % of brain voxels "
+                           f"that differ most (|difference| ≥ {result.diff_threshold:.3f} for this scan); "
+                           "0 colours every voxel that differs at all.")
 viewer(result.panels(opacity, threshold), key="cmp_viewer", sync=True, height=520)
 st.caption("The crosshair, slices and zoom of the two panels are locked together. The overlay on the right is "
-           "reconstruction − original (warm: brighter, cool: darker).")
+           "reconstruction − original in intensity units (0..1 scale; warm: brighter, cool: darker), coloured where "
+           f"|difference| ≥ {threshold:.3f}; its colour bar is under the slices.")
 
 left, right = st.columns(2)
 with left:

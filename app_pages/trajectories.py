@@ -17,6 +17,7 @@ from synthbrain.errors import SynthBrainError
 from synthbrain.sampling import guidance_warning
 
 RESULT = "traj_result"           # this session's latest Trajectory
+RESULT_FOR = "traj_result_for"   # what it started from: "seed" or the scan's key
 FRAME = "traj_frame"             # index of the frame shown
 PLAY = "traj_play"
 PLAY_SECONDS = 1.2               # per frame while playing (the viewer reloads one volume per frame)
@@ -37,6 +38,16 @@ if start == "scan":
     scan = scans.scan_picker("traj", bundle.grid)
     if scan is not None and scan.details:
         st.caption(scan.details)
+started_from = "seed" if start == "seed" else scan.key if scan is not None else None
+
+
+def forget_series() -> None:
+    for name in (RESULT, RESULT_FOR, FRAME, PLAY):
+        st.session_state.pop(name, None)
+
+
+if st.session_state.get(RESULT) is not None and st.session_state.get(RESULT_FOR) != started_from:
+    forget_series()  # another start, a new upload or a bad one: the old series is not this one's
 
 # ------------------------------------------------------------------------------------- controls
 with st.sidebar:
@@ -105,9 +116,11 @@ if go:
                       source_label=scan.label if source is not None else "", strength=float(strength))
         result = jobs.run(lambda on_step: job(on_step=on_step), f"Series of {len(conditions)}:")
         st.session_state[RESULT] = result
+        st.session_state[RESULT_FOR] = started_from
         st.session_state[FRAME] = 0
         st.session_state[PLAY] = False
     except SynthBrainError as e:
+        forget_series()  # the message replaces the old series, not sits above it
         common.show_error(e)
 
 # --------------------------------------------------------------------------------------- result

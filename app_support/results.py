@@ -14,10 +14,12 @@ from synthbrain.io import Volume
 from synthbrain.viz.display import display_bytes
 
 DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
+DIFF_COLORBAR = "reconstruction − original, intensity (0..1 scale): warm brighter, cool darker"
 GALLERY = "gen_gallery"              # session state: this session's samples (GalleryItem), newest last
+INTENSITY = "intensity (0..1, normalised)"  # what the viewer's readout calls a base image's value
 
 
-def base_layer(display: bytes, name: str, label: str = "") -> Layer:
+def base_layer(display: bytes, name: str, label: str = INTENSITY) -> Layer:
     # volumes are normalised to [0, 1]; one fixed window keeps panels and samples comparable
     return Layer(display, name=name, label=label, cal_min=0.0, cal_max=0.9)
 
@@ -180,6 +182,8 @@ class CompareResult:
     details: str = ""
 
     provenance: str = REAL         # the original: real (a person's scan) or synthetic (a phantom, the template)
+    diff_threshold: float = 0.03   # the overlay's default: |difference| below it is not coloured
+    diff_top: float = 0.25         # where its colour ramp saturates
 
     @property
     def recon_provenance(self) -> str:
@@ -187,9 +191,9 @@ class CompareResult:
         return DERIVED if self.provenance == REAL else SYNTHETIC
 
     def panels(self, opacity: float, threshold: float) -> list[Panel]:
-        diff = Layer(self.diff_display, name="difference.nii.gz", label="difference", colormap=DIFF_COLORMAPS[0],
-                     colormap_negative=DIFF_COLORMAPS[1], opacity=opacity, cal_min=threshold,
-                     cal_max=max(0.25, threshold * 2))
+        diff = Layer(self.diff_display, name="difference.nii.gz", label="difference (0..1 scale)",
+                     colormap=DIFF_COLORMAPS[0], colormap_negative=DIFF_COLORMAPS[1], opacity=opacity,
+                     cal_min=threshold, cal_max=max(self.diff_top, threshold * 1.5), colorbar=DIFF_COLORBAR)
         return [Panel(f"Original: {kind(self.provenance).title}",
                       layers=(base_layer(self.original_display, "original.nii.gz"),), show_render=True),
                 Panel(f"Reconstruction ({kind(self.recon_provenance).title}) + difference", layers=(
@@ -214,14 +218,15 @@ class CompareResult:
 
 
 def make_compare(key: str, label: str, recon, details: str = "", provenance: str = REAL) -> CompareResult:
-    from synthbrain.viz.display import display_nifti_bytes
+    from synthbrain.viz.display import difference_window, display_nifti_bytes
 
     rec_kind = DERIVED if provenance == REAL else SYNTHETIC
+    threshold, top = difference_window(recon.difference.data, recon.original.data)
     return CompareResult(key=key, label=label, recon=recon,
                          original_display=display_bytes(recon.original, provenance),
                          recon_display=display_bytes(recon.reconstruction, rec_kind),
                          diff_display=display_nifti_bytes(recon.difference, "reconstruction - original"),
-                         details=details, provenance=provenance)
+                         details=details, provenance=provenance, diff_threshold=threshold, diff_top=top)
 
 
 def metrics_rows(recon) -> list[dict]:

@@ -46,7 +46,9 @@ class Layer:
     """A volume drawn in a panel: ``data`` is a gzip NIfTI file (``synthbrain.viz.display``).
     The first layer of a panel is its base image; later layers are overlays. ``colormap_negative``
     colours values below ``-cal_min`` (a diverging pair, e.g. warm / winter), so a signed
-    difference map shows both signs and hides |values| < ``cal_min``."""
+    difference map shows both signs and hides |values| < ``cal_min``. An overlay with a ``colorbar``
+    text gets NiiVue's colour bar (its values) under the slices and that text (what, in which units)
+    beneath the panel."""
 
     data: bytes
     name: str = "volume.nii.gz"
@@ -56,6 +58,7 @@ class Layer:
     cal_min: float | None = None
     cal_max: float | None = None
     colormap_negative: str = ""
+    colorbar: str = ""               # an overlay's colour bar, drawn when set; says what it shows, with units
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420
             layers.append({"data": key, "id": digest, "name": layer.name, "label": layer.label,
                            "colormap": layer.colormap, "opacity": float(layer.opacity),
                            "cal_min": layer.cal_min, "cal_max": layer.cal_max,
-                           "colormap_negative": layer.colormap_negative})
+                           "colormap_negative": layer.colormap_negative, "colorbar": layer.colorbar})
         surfaces = []
         for s in p.surfaces:
             key, digest = ref(s.data)

@@ -58,3 +58,24 @@ def display_bytes(volume: Volume, provenance: str) -> bytes:
     from synthbrain.export import kind
 
     return display_nifti_bytes(volume, f"SynthBrain {kind(provenance).name.upper()} T1w (display)")
+
+
+def difference_window(difference: np.ndarray, reference: np.ndarray, share: float = 0.05,
+                      step: float = 0.005) -> tuple[float, float]:
+    """A display window for a signed difference map (e.g. reconstruction - original, intensities in
+    [0, 1]): (threshold, top). Only the ``share`` of brain voxels (``reference > 0``) with the largest
+    |difference| lie above ``threshold``, so the overlay marks where the two differ most instead of
+    colouring the whole brain; the colour ramp saturates at ``top``, the 99.5th percentile. Both are
+    rounded up to ``step`` (a slider's step)."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    d = np.abs(np.asarray(difference, dtype=np.float32))
+    brain = np.asarray(reference) > 0
+    values = d[brain] if brain.any() else d.ravel()
+    threshold, top = (float(np.quantile(values, q)) for q in (1.0 - share, 0.995))
+
+    def up(x: float) -> float:
+        return round(float(np.ceil(x / step - 1e-9) * step), 6)
+
+    threshold = max(up(threshold), step)
+    return threshold, max(up(top), 2 * threshold)

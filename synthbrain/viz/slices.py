@@ -1,4 +1,4 @@
-"""Orthogonal slices of a volume as a PNG: sagittal, coronal and axial planes through one point,
+"""Orthogonal slices of a volume as a PNG: axial, coronal and sagittal planes (the viewer's order) through one point,
 with orientation labels (L/R, A/P, S/I), the plane positions in mm and a title.
 
 Neurological convention: on coronal and axial planes the subject's left is on the left of the
@@ -32,7 +32,8 @@ def centre_mm(volume: Volume) -> np.ndarray:
 def planes(volume: Volume, point_mm: Sequence[float] | None = None) -> dict[str, tuple[np.ndarray, tuple, float]]:
     """The three planes through ``point_mm`` (default: the centre), each as
     (image (rows, cols) with row 0 at the bottom, extent (left, right, bottom, top) in mm, plane
-    position in mm). Sagittal: columns P->A, rows I->S; coronal: L->R, I->S; axial: L->R, P->A."""
+    position in mm), in the viewer's order. Axial: columns L->R, rows P->A; coronal: L->R, I->S;
+    sagittal: P->A, I->S."""
     _check_axis_aligned(volume)
     p = np.asarray(centre_mm(volume) if point_mm is None else point_mm, np.float64)
     ijk = np.linalg.solve(volume.affine[:3, :3], p - volume.affine[:3, 3])
@@ -42,10 +43,10 @@ def planes(volume: Volume, point_mm: Sequence[float] | None = None) -> dict[str,
     lo = volume.affine[:3, 3] - sp / 2
     hi = lo + sp * np.array(volume.shape)
     d = volume.data
-    return {
-        "sagittal": (d[ijk[0], :, :].T, (lo[1], hi[1], lo[2], hi[2]), float(at[0])),
-        "coronal": (d[:, ijk[1], :].T, (lo[0], hi[0], lo[2], hi[2]), float(at[1])),
+    return {  # the viewer's order (NiiVue's multiplanar row): axial, coronal, sagittal
         "axial": (d[:, :, ijk[2]].T, (lo[0], hi[0], lo[1], hi[1]), float(at[2])),
+        "coronal": (d[:, ijk[1], :].T, (lo[0], hi[0], lo[2], hi[2]), float(at[1])),
+        "sagittal": (d[ijk[0], :, :].T, (lo[1], hi[1], lo[2], hi[2]), float(at[0])),
     }
 
 

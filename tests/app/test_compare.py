@@ -34,6 +34,14 @@ def check_result(at, bundle):
     np.testing.assert_allclose(nifti_array(call.volume(1, 1)), result.recon.difference.data, atol=1e-4)
     np.testing.assert_allclose(nifti_array(call.volume(0)), result.recon.original.data, atol=1e-4)
     assert call.volume(0).shape == bundle.grid.shape
+    # the default overlay marks where the two differ most, leaving most of the brain uncoloured, with a colour bar
+    threshold = at.slider(key="cmp_threshold").value
+    assert diff["cal_min"] == threshold == result.diff_threshold > 0 and diff["cal_max"] > threshold
+    brain = result.recon.original.data > 0
+    coloured = np.abs(nifti_array(call.volume(1, 1)))[brain] >= threshold
+    assert 0.005 < coloured.mean() < 0.1, coloured.mean()
+    assert "0..1" in diff["colorbar"] and "reconstruction − original" in diff["colorbar"]
+    assert all("(0..1, normalised)" in p["layers"][0]["label"] for p in call.panels)  # the readout's unit
 
     metrics = frame(at.table[0].value)
     assert metrics["Metric"][:1] == ["PSNR"] and {"SSIM", "MS-SSIM", "MAE"} <= set(metrics["Metric"])
@@ -58,6 +66,11 @@ def test_template_reconstruction(bundle):
     assert viewer_calls(at)[0].panels[1]["layers"][1]["opacity"] == 0.25
     assert at.session_state["cmp_result"] is result
     assert viewer_calls(at)[0].panels[1]["layers"][1]["id"] == call.panels[1]["layers"][1]["id"]
+    # the user's threshold holds across reruns; 0 colours every voxel that differs
+    at.slider(key="cmp_threshold").set_value(0.0).run()
+    assert viewer_calls(at)[0].panels[1]["layers"][1]["cal_min"] == 0.0
+    at.slider(key="cmp_opacity").set_value(0.5).run()
+    assert at.slider(key="cmp_threshold").value == 0.0
 
 
 def test_phantom_subject_is_labelled_as_phantom(bundle):

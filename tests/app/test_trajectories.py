@@ -212,6 +212,12 @@ def test_an_upload_can_be_edited_and_a_bad_one_cannot(bundle):
     at = run_series(at, k=2, steps=2)
     traj = at.session_state["traj_result"]
     assert traj.is_edit and traj.source_label == "mine.nii.gz" and len(traj.frames) == 2
+    assert viewer_calls(at)
+    # a new, bad upload: its error, and not the old series under it
+    at.get("file_uploader")[0].upload("other.nii.gz", b"\x1f\x8b not a scan either")
+    at.run()
+    assert not at.exception and at.error[0].value.startswith("other.nii.gz:")
+    assert "traj_result" not in at.session_state and not viewer_calls(at) and not at.get("plotly_chart")
 
 
 # ----------------------------------------------------------------------------------- viz parts

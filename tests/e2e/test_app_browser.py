@@ -63,7 +63,7 @@ def test_generate_draws_the_brain(page, server):
     readout = frame.locator('[data-readout="0"]')
     before = readout.inner_text()
     mm = r"\(-?\d+\.\d, -?\d+\.\d, -?\d+\.\d\) mm"
-    assert re.search(mm + r" · voxel \[\d+, \d+, \d+\] · intensity \d\.\d+", before), before
+    assert re.search(mm + r" · voxel \[\d+, \d+, \d+\] · intensity \(0\.\.1, normalised\) \d\.\d+", before), before
     box = frame.locator('canvas[data-panel="0"]').bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.12, box["y"] + box["height"] * 0.3)
     until(lambda: readout.inner_text() != before, "the readout follows the click")

@@ -5,7 +5,7 @@
 // This file speaks Streamlit's component protocol directly (postMessage), so it needs no build.
 //
 // spec (JSON) = {lib, height, sync, radiological, report, panels: [{title, view, flex, show_render,
-//   layers: [{data, id, name, colormap, opacity, cal_min, cal_max, colormap_negative}],
+//   layers: [{data, id, name, label, colormap, opacity, cal_min, cal_max, colormap_negative, colorbar}],
 //   surfaces: [{data, id, name, rgba, opacity}]}]}; "data" names a bytes argument of the render
 //   message (gzip NIfTI for layers, MZ3 for surfaces), "id" is its content hash.
 "use strict";
@@ -18,8 +18,11 @@ function send(type, data) {
   window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data || {}), "*");
 }
 
+let frameHeight = null;
 function setHeight() {
-  send("streamlit:setFrameHeight", { height: Math.ceil(document.body.scrollHeight) + 2 });
+  const height = Math.ceil(document.body.scrollHeight) + 2;
+  if (height !== frameHeight) send("streamlit:setFrameHeight", { height: height });
+  frameHeight = height;
 }
 
 function loadLibrary(lib) {
@@ -157,8 +160,9 @@ function buildPanels(spec, NV) {
     const box = el("div", { class: "canvasbox" }, [canvas]);
     box.style.height = spec.height + "px";
     const readout = el("div", { class: "readout", "data-readout": String(i), text: "\u00a0" });
+    const legend = el("div", { class: "legend", "data-legend": String(i) });
     const div = el("div", { class: "panel", "data-panel": String(i) },
-                   [el("div", { class: "ptitle", text: ps.title || "" }), box, readout]);
+                   [el("div", { class: "ptitle", text: ps.title || "" }), box, readout, legend]);
     div.style.flex = `${ps.flex || 1} 1 0`;
     root.appendChild(div);
     const nv = new NV.Niivue({
@@ -171,7 +175,8 @@ function buildPanels(spec, NV) {
       isRadiologicalConvention: !!spec.radiological, dragAndDropEnabled: false, logLevel: "error",
       loadingText: "",
     });
-    state.panels.push({ nv, box, readout, canvas, sig: null, spec: ps, attached: nv.attachToCanvas(canvas) });
+    state.panels.push({ nv, box, readout, legend, canvas, sig: null, spec: ps,
+                        attached: nv.attachToCanvas(canvas) });
   }
 }
 
@@ -190,8 +195,9 @@ async function loadPanel(p, ps, args, NV) {
     const img = await NV.NVImage.new(arrayBuffer(bytes), l.name, l.colormap || "gray", l.opacity ?? 1);
     styleLayer(img, l);
     nv.addVolume(img);
-    if (k === 0) img.colorbarVisible = false;
+    img.colorbarVisible = k > 0 && !!l.colorbar;  // the base image's grey scale needs no bar
   }
+  showColorbar(p, ps);
   for (const s of ps.surfaces) {
     const bytes = args[s.data];
     if (!bytes) throw new Error(`missing data for surface ${s.name}`);
@@ -201,6 +207,14 @@ async function loadPanel(p, ps, args, NV) {
   }
   nv.setSliceType(ps.layers.length ? (VIEWS[state.view || ps.view] ?? VIEWS.multiplanar) : VIEWS.render);
   if (!ps.layers.length) p.readout.textContent = "drag: rotate · scroll: zoom";
+}
+
+function showColorbar(p, ps) {
+  // NiiVue draws the bar with its values; the text beneath says what they are, in which units
+  const bars = ps.layers.slice(1).filter((l) => l.colorbar);
+  p.nv.opts.isColorbar = bars.length > 0;
+  p.legend.textContent = bars.map((l) => "Colour bar: " + l.colorbar).join(" · ");
+  p.legend.hidden = !bars.length;
 }
 
 function styleLayer(img, l) {
@@ -227,6 +241,7 @@ function restyle(p, ps) {
     const m = p.nv.meshes[k];
     if (m && s.opacity != null && m.opacity !== s.opacity) { m.opacity = s.opacity; m.updateMesh(p.nv.gl); }
   }
+  showColorbar(p, ps);
   p.nv.updateGLVolume();
 }
 
@@ -242,6 +257,7 @@ function wireEvents(spec) {
       p.readout.title = p.readout.textContent;
       p.readout.dataset.mm = JSON.stringify(Array.from(mm.slice(0, 3)));
       p.readout.dataset.value = String(d.values[0]?.value);
+      setHeight();  // a readout that wraps to a second line must not be cut off by the frame
       if (spec.report && Date.now() - lastReport > 150) {
         lastReport = Date.now();
         send("streamlit:setComponentValue", { dataType: "json", value: {
