@@ -121,6 +121,10 @@ def test_compare_upload_shows_metrics_with_locked_crosshair(page, server, tmp_pa
     mm = lambda r: np.array(json.loads(r.get_attribute("data-mm")))  # noqa: E731
     until(lambda: np.allclose(mm(left), mm(right), atol=1e-3), "both crosshairs at the clicked point")
     assert "difference" in right.inner_text()
+    # the right readout (two values) is shown whole, and the overlay has a colour bar in intensity units
+    assert right.evaluate("e => e.scrollWidth <= e.clientWidth && e.getBoundingClientRect().bottom <= innerHeight")
+    assert "intensity (0..1 scale)" in frame.locator('[data-legend="1"]').inner_text()
+    assert frame.locator('[data-legend="0"]').is_hidden()
 
 
 def test_compare_bad_upload_shows_the_error(page, server, tmp_path):

@@ -213,6 +213,9 @@ function showColorbar(p, ps) {
   // NiiVue draws the bar with its values; the text beneath says what they are, in which units
   const bars = ps.layers.slice(1).filter((l) => l.colorbar);
   p.nv.opts.isColorbar = bars.length > 0;
+  // the 3D render sums an overlay along each ray: at full blend a sparse map still tints every ray
+  // that crosses it (the whole brain), so a mapped overlay is blended in lightly there
+  p.nv.opts.renderOverlayBlend = bars.length ? 0.3 : 1;
   p.legend.textContent = bars.map((l) => "Colour bar: " + l.colorbar).join(" · ");
   p.legend.hidden = !bars.length;
 }
