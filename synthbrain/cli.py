@@ -195,12 +195,16 @@ def prepare(
 ) -> None:
     """Bring native-space, whole-head T1s into MNI152 space on a grid: N4 bias correction, brain extraction,
     rigid + affine registration, resampling, intensity normalisation. Writes BIDS derivatives, the transforms
-    (.tfm), a QC picture per subject and prepare-qc.tsv. Complete subjects are skipped (resumable); a subject
-    that fails is named and the others go on; the exit code is 1 when any failed."""
+    (.tfm), a QC picture per subject and prepare-qc.tsv, all marked real. A loose file not named sub-* gets an
+    opaque label (a digest; shown here, written nowhere). Complete subjects are skipped (resumable; redone when
+    the input, grid, --brain-extraction or code changed); a subject that fails is named and the others go on;
+    the exit code is 1 when any failed."""
     from synthbrain.data.prepare import prepare_dataset
 
     with progress(f"prepare ({grid})") as on_step:
         s = prepare_dataset(inputs, out, grid, jobs=jobs, brain_extraction=brain_extraction, on_step=on_step)
+    for label, path in s.labelled.items():  # only here: nothing written names a loose file
+        typer.echo(f"{path} -> {label}")
     for label, message in s.failed.items():
         _err(f"{label}: {message}")
     typer.echo(f"prepared {len(s.prepared)} of {s.total} subjects ({len(s.skipped)} already complete, "

@@ -5,10 +5,18 @@ door before ``prepare`` and land on the template after it."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -30,7 +38,7 @@ from synthbrain.data.prepare import (
 from synthbrain.data.template import load_template
 from synthbrain.errors import DatasetError, UnpreparedVolumeError
 from synthbrain.grids import DEMO
-from synthbrain.io import Volume, read_volume
+from synthbrain.io import Volume, read_volume, sidecar_path
 
 # ------------------------------------------------------------------------------ native-space copies
 
@@ -262,3 +270,171 @@ def test_a_1mm_whole_head_scan_lands_on_the_template(mni, tmp_path):
     assert np.corrcoef(out.data[inside], tmpl.t1[inside])[0, 1] >= 0.95
     assert np.linalg.norm(_centroid_mm(out.data) - _centroid_mm(tmpl.t1)) <= 2.0
     assert check_prepared(out).ok
+
+
+# ------------------------------------------------------- names, provenance, resuming, failures
+
+
+NAMES = ("JaneDoe", "JohnSmith")  # loose files named after people, as scans often are
+
+
+@pytest.fixture(scope="module")
+def loose(tmp_path_factory, mni):
+    """Two loose files named after people, prepared in one run (``--jobs 1``). JaneDoe's brain
+    extraction raises a RuntimeError (as torch does on a CUDA fault); JohnSmith's falls back to the
+    template mask. Returns (files, out, summary, every text drawn on a QC picture)."""
+    from synthbrain.data import prepare
+    from synthbrain.viz import slices
+
+    src = tmp_path_factory.mktemp("loose")
+    files = []
+    for name, rot, shift in ((NAMES[0], (4, 0, 0), (5, 0, 0)), (NAMES[1], (0, 5, -4), (6, 3, -2))):
+        vol = native_copy(mni, mni.data, rot, shift)
+        files.append(src / f"{name}_T1.nii.gz")
+        nib.save(nib.Nifti1Image(vol.data, vol.affine), files[-1])
+    texts, calls = [], []
+    rows_png = slices.rows_png
+
+    def spy(rows, **kw):
+        texts.extend([kw.get("title", ""), kw.get("footer", ""), *(label for label, _ in rows)])
+        return rows_png(rows, **kw)
+
+    def extract(data, affine, device):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return None  # as if deepbet were not installed: the template mask
+
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(slices, "rows_png", spy)
+        mp.setattr(prepare, "_extract", extract)
+        summary = prepare_dataset(files, out, "demo", brain_extraction="auto")
+    return files, out, summary, texts
+
+
+def _plain(path):
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.name.endswith(".gz") else raw
+
+
+def test_loose_files_leave_no_trace_of_their_names(loose):
+    files, out, summary, texts = loose
+    by_file = {v: k for k, v in summary.labelled.items()}
+    jane, john = by_file[files[0]], by_file[files[1]]
+    assert re.fullmatch(r"sub-[0-9a-f]{12}", jane) and re.fullmatch(r"sub-[0-9a-f]{12}", john)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in written} >= {".gz", ".json", ".tfm", ".png", ".tsv"}
+    for p in written:
+        text = _plain(p).lower()
+        for name in NAMES:
+            assert name.lower() not in str(p.relative_to(out)).lower(), p
+            assert name.lower().encode() not in text, p
+    assert texts and any(john in t for t in texts)
+    assert not [t for t in texts for name in NAMES if name.lower() in t.lower()]
+    assert not [m for m in summary.failed.values() for name in NAMES if name in m]
+    side = json.loads(sidecar_path(output_paths(out, john, DEMO)["t1w"]).read_text())
+    assert "Source" not in side and "Sources" not in side and side["SourceFingerprint"].startswith("sha256:")
+
+
+def test_prepared_outputs_say_real(loose):
+    from synthbrain.export import REAL, read_provenance
+
+    _, out, summary, texts = loose
+    (john,) = summary.prepared
+    paths = output_paths(out, john, DEMO)
+    for key in ("t1w", "mask"):
+        assert b"REAL" in nib.load(paths[key]).header["descrip"].tobytes()
+        assert read_provenance(paths[key]) == REAL
+    side = json.loads(sidecar_path(paths["t1w"]).read_text())
+    assert side["Provenance"] == REAL and side["Synthetic"] is False
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["Provenance"] == REAL and desc["Synthetic"] is False and desc["DatasetType"] == "derivative"
+    assert any("real scan" in t for t in texts)  # the QC picture's title
+
+
+def test_an_extractor_that_raises_fails_its_subject_by_name_and_the_rest_go_on(loose):
+    files, out, summary, _ = loose
+    by_file = {v: k for k, v in summary.labelled.items()}
+    jane, john = by_file[files[0]], by_file[files[1]]
+    assert list(summary.failed) == [jane] and summary.prepared == [john]
+    assert "brain extraction with deepbet failed (CUDA error" in summary.failed[jane]
+    rows = {r["subject"]: r for r in read_tsv(summary.qc_table)}
+    assert list(rows) == [jane, john]
+    assert rows[jane]["status"] == "failed" and "--brain-extraction template" in rows[jane]["flags"]
+    assert rows[john]["status"] == "prepared" and rows[john]["brain_extraction"] == "template"
+
+
+def test_resume_redoes_a_subject_when_the_brain_extraction_or_the_code_changes(loose, tmp_path, monkeypatch):
+    from synthbrain.data import prepare
+
+    files, out, summary, _ = loose
+    out = shutil.copytree(out, tmp_path / "out")
+    john = files[1]
+    ran = []
+    monkeypatch.setattr(prepare, "_run_job", lambda job, *a: ran.append((job.label, a[2])) or
+                        {"status": "failed", "error": "stopped by the test"})
+    assert prepare_dataset([john], out, "demo", brain_extraction="auto").skipped == summary.prepared
+    assert not ran
+    prepare_dataset([john], out, "demo", brain_extraction="template")
+    assert ran == [(summary.prepared[0], "template")]
+    monkeypatch.setattr(prepare, "code_hash", lambda *modules: "0" * 12)  # prepare.py edited since
+    assert prepare_dataset([john], out, "demo", brain_extraction="auto").failed
+    assert len(ran) == 2
+
+
+def test_cli_says_which_file_each_label_stands_for(loose, tmp_path, monkeypatch, capsys):
+    from synthbrain.cli import main
+
+    files, out, summary, _ = loose
+    out = shutil.copytree(out, tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", ["synthbrain", "prepare", str(files[1]), "--out", str(out)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    stdout = capsys.readouterr().out
+    assert f"{files[1].name} -> {summary.prepared[0]}" in stdout and "1 already complete" in stdout
+
+
+def _pool_workers() -> set[int]:
+    """This process's children that are multiprocessing spawn workers (not its resource tracker)."""
+    pids = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            for pid in map(int, (task / "children").read_text().split()):
+                with contextlib.suppress(OSError):
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        pids.add(pid)
+    return pids
+
+
+def test_a_worker_that_dies_fails_its_subjects_by_name(loose, tmp_path):
+    """A worker killed at work (as the kernel's OOM killer does) breaks the process pool: its subject
+    (and any not finished) fail by name, the QC table is still written."""
+    files, _, summary, _ = loose
+    killed, before = [], _pool_workers()
+
+    def at_work(pid: int) -> bool:  # past start-up: its initializer has loaded torch
+        with contextlib.suppress(OSError):
+            return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+        return False
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in _pool_workers() - before:
+                if at_work(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.01)
+
+    t = threading.Thread(target=kill_a_worker)
+    t.start()
+    s = prepare_dataset(files, tmp_path / "out", "demo", jobs=2, brain_extraction="template")
+    t.join()
+    assert killed and s.failed
+    assert set(s.failed) | set(s.prepared) == set(summary.labelled)
+    assert all("worker process died" in m for m in s.failed.values())
+    assert {r["subject"]: r["status"] for r in read_tsv(s.qc_table)} == {
+        label: "failed" if label in s.failed else "prepared" for label in summary.labelled}

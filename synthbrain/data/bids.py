@@ -74,14 +74,16 @@ def derivative_path(root: Path, sub: str, grid: Grid, suffix: str = "desc-prepro
 
 
 def _file_fingerprint(path: Path, grid: Grid) -> str:
-    """What a cached derivative depends on: the source file, the grid and the preprocessing code."""
+    """What a cached derivative depends on (the source file's name, size and time, the grid, the
+    preprocessing code) as an opaque digest: a real volume's sidecar never names its source file."""
     from synthbrain.cache import code_hash
     from synthbrain.data import preprocess
 
     st = path.stat()
     g = grid.to_dict()
-    return (f"{path.name}:{st.st_size}:{st.st_mtime_ns}:"
+    text = (f"{path.name}:{st.st_size}:{st.st_mtime_ns}:"
             f"{g['shape']}:{g['spacing']}:{g['origin']}:{code_hash(preprocess)}")
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class BIDSDataset:
         is refused with a message that says to run ``synthbrain prepare``."""
         from synthbrain.data.prepare import require_prepared
         from synthbrain.data.preprocess import preprocess
+        from synthbrain.export import REAL, kind, sidecar
         from synthbrain.io import read_volume, sidecar_path, write_volume
 
         s = self.subjects[index]
@@ -158,7 +161,7 @@ class BIDSDataset:
         side = sidecar_path(out)
         if out.is_file() and side.is_file():
             try:
-                if json.loads(side.read_text()).get("Source") == source:
+                if json.loads(side.read_text()).get("SourceFingerprint") == source:
                     return out
             except json.JSONDecodeError:
                 pass  # a damaged sidecar: preprocess again
@@ -168,9 +171,10 @@ class BIDSDataset:
             vol, info = preprocess(scan, self.grid)
         except SynthBrainError as e:
             raise DatasetError(f"{s.label}: {e}") from None
-        write_volume(out, vol, description=f"SynthBrain preprocessed T1w ({self.grid.name} grid)",
-                     sidecar={"Source": source, "Sources": [str(s.t1w.relative_to(self.root))],
-                              "SpatialReference": SPACE, **info.to_dict(), "PreparedCheck": checked.to_dict()})
+        write_volume(out, vol, description=kind(REAL).description,
+                     sidecar=sidecar(REAL, {"SourceFingerprint": source, "Sources": [str(s.t1w.relative_to(self.root))],
+                                            "SpatialReference": SPACE, **info.to_dict(),
+                                            "PreparedCheck": checked.to_dict()}))
         return out
 
     def prepare(self, on_step: OnStep | None = None) -> None:

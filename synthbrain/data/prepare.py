@@ -15,9 +15,14 @@
 
 Outputs are a BIDS derivative dataset: the preprocessed T1w (the file name and sidecar
 :class:`synthbrain.data.bids.BIDSDataset` reads, so a prepared dataset trains as it is), its brain
-mask, the transform (ITK ``.tfm``: MNI152 LPS mm -> subject LPS mm, so
-``sitk.Resample(mni_image, subject_image, transform)`` maps a result back onto the scan), a QC
-picture per subject and ``prepare-qc.tsv``.
+mask, the transform (ITK ``.tfm``: MNI152 LPS mm -> subject LPS mm; resampling a result back onto
+the scan needs subject -> MNI, ``sitk.Resample(mni_image, subject_image, transform.GetInverse())``, which
+is what :func:`to_subject_space` does), a QC picture per subject and ``prepare-qc.tsv``.
+
+Every output is a ``real`` volume (:mod:`synthbrain.export`): the NIfTI descriptions, the sidecars
+(``Provenance``) and ``dataset_description.json`` say so, and nothing written names the input file: a
+loose file not named ``sub-<id>...`` gets an opaque label (``sub-`` and a digest of its bytes), and the
+sidecars identify the input by a digest only (``SourceFingerprint``).
 
 :func:`check_prepared` is the one test of whether a volume is ready for a model, used by every door
 (reconstruct, measure, training data, the app's uploads): its field of view must hold the MNI brain,
@@ -28,10 +33,12 @@ bright tissue (skull, scalp) outside the dilated template brain.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,6 +48,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from synthbrain.cache import code_hash
 from synthbrain.errors import DatasetError, InvalidVolumeError, SynthBrainError, UnpreparedVolumeError
 from synthbrain.grids import DEMO, SPACE, Grid, get_grid
 from synthbrain.io import Volume
@@ -345,7 +353,11 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
 
     mask_native = None
     if brain_extraction in ("auto", "deepbet"):
-        mask_native = _extract(corrected_np, volume.affine, device)
+        try:
+            mask_native = _extract(corrected_np, volume.affine, device)
+        except RuntimeError as e:  # torch's errors (out of memory, a CUDA fault) are RuntimeErrors
+            raise InvalidVolumeError(f"{name}: brain extraction with deepbet failed ({_first_line(e)}); "
+                                     "--brain-extraction template uses the MNI152 brain mask instead") from None
         if mask_native is not None:
             ml = float(mask_native.sum()) * float(np.prod(volume.spacing)) / 1000.0
             if not BRAIN_ML[0] <= ml <= BRAIN_ML[1]:
@@ -371,13 +383,16 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
     if np.any(sigma_vox > 0.05):
         source = ndi.gaussian_filter(source, sigma=sigma_vox, mode="constant")
     ref = _grid_image(grid)
-    on_grid = from_sitk(sitk.Resample(to_sitk(source, volume.affine), ref, transform, sitk.sitkLinear, 0.0))
     tmpl = load_template(grid)
-    if mask_native is not None:
-        mask = from_sitk(sitk.Resample(to_sitk(mask_native.astype(np.float32), volume.affine), ref, transform,
-                                       sitk.sitkLinear, 0.0)) > 0.5
-    else:
-        mask = tmpl.brain > 0.5
+    try:
+        on_grid = from_sitk(sitk.Resample(to_sitk(source, volume.affine), ref, transform, sitk.sitkLinear, 0.0))
+        if mask_native is not None:
+            mask = from_sitk(sitk.Resample(to_sitk(mask_native.astype(np.float32), volume.affine), ref, transform,
+                                           sitk.sitkLinear, 0.0)) > 0.5
+        else:
+            mask = tmpl.brain > 0.5
+    except RuntimeError as e:
+        raise InvalidVolumeError(f"{name}: resampling onto the {grid.name} grid failed ({_first_line(e)})") from None
     on_grid = np.where(mask, on_grid, 0.0).astype(np.float32)
     pre, info = preprocess(Volume(on_grid, grid.affine, source=name), grid)
     mask &= pre.data > 0
@@ -414,9 +429,14 @@ QC_COLUMNS = ["subject", "status", "registration_metric", "correlation", "brain_
 
 @dataclass(frozen=True)
 class Job:
-    label: str        # sub-<id>
-    t1w: Path         # the input scan
-    rel: str          # how the sidecar names it (relative to its BIDS root, or the file name)
+    label: str         # sub-<id>
+    t1w: Path          # the input scan
+    rel: str | None    # its path in its BIDS dataset (the sidecar's Sources); None for a loose file
+
+    @property
+    def name(self) -> str:
+        """How messages and outputs name the input: a loose file's own name is never written."""
+        return self.t1w.name if self.rel is not None else self.label
 
 
 @dataclass(frozen=True)
@@ -426,6 +446,7 @@ class PrepareSummary:
     skipped: list[str]
     failed: dict[str, str]   # label -> message
     qc_table: Path
+    labelled: dict[str, Path] = field(default_factory=dict)  # opaque label -> the loose file it stands for
 
     @property
     def total(self) -> int:
@@ -442,11 +463,23 @@ def output_paths(out: Path, label: str, grid: Grid) -> dict[str, Path]:
             "qc": out / label / "figures" / f"{label}_res-{grid.res_label}_desc-prepare_T1w.png"}
 
 
+def _plain_label(path: Path) -> str | None:
+    m = re.match(r"sub-([A-Za-z0-9]+)", path.name)
+    return f"sub-{m.group(1)}" if m else None
+
+
 def _label_for_file(path: Path) -> str:
-    name = path.name
-    stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
-    m = re.match(r"sub-([A-Za-z0-9]+)", stem)
-    return f"sub-{m.group(1) if m else re.sub(r'[^A-Za-z0-9]', '', stem) or 'scan'}"
+    """``sub-<id>`` of a file named ``sub-<id>...``; any other name (often a person's) is not used: the
+    label is ``sub-`` and 12 hex digits of the file's SHA-256 (the same file gets the same label)."""
+    plain = _plain_label(path)
+    if plain is not None:
+        return plain
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read: {e.strerror}") from None
+    return f"sub-{digest[:12]}"
 
 
 def find_jobs(inputs: Sequence[Path]) -> list[Job]:
@@ -463,14 +496,14 @@ def find_jobs(inputs: Sequence[Path]) -> list[Job]:
                 t1w = find_t1w(p, sub)
                 jobs.append(Job(sub, t1w, str(t1w.relative_to(p))))
         elif p.is_file():
-            jobs.append(Job(_label_for_file(p), p, p.name))
+            jobs.append(Job(_label_for_file(p), p, None))
         else:
             raise DatasetError(f"{p}: no such file or folder")
     seen: dict[str, Path] = {}
     for j in jobs:
         if j.label in seen:
-            raise DatasetError(f"{j.label}: two inputs map to this subject ({seen[j.label].name} and {j.t1w.name}); "
-                               "rename one")
+            raise DatasetError(f"{j.label}: two inputs map to this subject ({seen[j.label]} and {j.t1w}); "
+                               "rename one (or drop a copy)")
         seen[j.label] = j.t1w
     return jobs
 
@@ -485,13 +518,34 @@ def default_out(inputs: Sequence[Path]) -> Path:
 
 
 def _fingerprint(t1w: Path, grid: Grid) -> str:
+    """The digest :class:`synthbrain.data.bids.BIDSDataset` looks for (input file, grid, preprocessing code)."""
     from synthbrain.data.bids import _file_fingerprint
 
     return _file_fingerprint(t1w, grid)
 
 
-def _complete(job: Job, out: Path, grid: Grid) -> dict | None:
-    """The QC of a subject whose outputs exist and were made from this input on this grid, else None."""
+def _extractor_key(brain_extraction: str) -> str:
+    """What ``--brain-extraction`` resolves to on this installation (deepbet's version included)."""
+    if brain_extraction == "template" or not deepbet_available():
+        return f"{brain_extraction}:template"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{brain_extraction}:deepbet-{version('deepbet')}"
+    except PackageNotFoundError:
+        return f"{brain_extraction}:deepbet"
+
+
+def _resume_key(t1w: Path, grid: Grid, brain_extraction: str) -> str:
+    """What a subject's outputs depend on: the input file, the grid, the preprocessing code (all in
+    :func:`_fingerprint`), the brain extraction asked for and this module's code."""
+    text = f"{_fingerprint(t1w, grid)}|{_extractor_key(brain_extraction)}|{code_hash(sys.modules[__name__])}"
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _complete(job: Job, out: Path, grid: Grid, brain_extraction: str) -> dict | None:
+    """The QC of a subject whose outputs exist and were made from this input, on this grid, with this
+    brain extraction and this version of the code; else None."""
     paths = output_paths(out, job.label, grid)
     from synthbrain.io import sidecar_path
 
@@ -500,59 +554,94 @@ def _complete(job: Job, out: Path, grid: Grid) -> dict | None:
         return None
     try:
         meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if meta.get("Source") != _fingerprint(job.t1w, grid) or "Prepare" not in meta:
+    prep = meta.get("Prepare") if isinstance(meta, dict) else None
+    if not isinstance(prep, dict) or prep.get("ResumeKey") != _resume_key(job.t1w, grid, brain_extraction):
         return None
-    return meta["Prepare"].get("QC")
+    return prep.get("QC")
+
+
+def _public_message(e: Exception, job: Job) -> str:
+    """One line; a loose file's name (in read errors) replaced by its label."""
+    text = " ".join(str(e).split())
+    if job.rel is None:
+        text = text.replace(str(job.t1w), job.label).replace(job.t1w.name, job.label)
+    return text
 
 
 def _run_job(job: Job, out: Path, grid_name: str, brain_extraction: str, device: str) -> dict:
     """Prepare one subject and write its outputs (the sidecar last: it marks them complete)."""
-    import SimpleITK as sitk
+    from dataclasses import replace
 
-    from synthbrain import __version__
-    from synthbrain.io import atomic_write, read_volume, write_volume
-    from synthbrain.viz.slices import rows_png
+    from synthbrain.io import read_volume
 
     grid = get_grid(grid_name)
     try:
-        vol = read_volume(job.t1w)
+        vol = replace(read_volume(job.t1w), source=job.name)
         res = prepare_volume(vol, grid, brain_extraction=brain_extraction, device=device)
+        _write_outputs(job, out, grid, brain_extraction, res)
     except SynthBrainError as e:
-        return {"status": "failed", "error": " ".join(str(e).split())}
-    paths = output_paths(out, job.label, grid)
-    paths["transform"].parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths["transform"].with_name(f".{paths['transform'].name}.tmp.tfm")
-    sitk.WriteTransform(res.transform, str(tmp))
-    os.replace(tmp, paths["transform"])
-    write_volume(paths["mask"], Volume(res.mask.astype(np.float32), grid.affine), dtype="uint8",
-                 description="SynthBrain prepare: brain mask")
-    from synthbrain.data.template import load_template
+        return {"status": "failed", "error": _public_message(e, job)}
+    return {"status": "prepared", "qc": res.qc}
 
+
+def _write_outputs(job: Job, out: Path, grid: Grid, brain_extraction: str, res: Prepared) -> None:
+    """The transform, mask, QC picture and prepared T1w (with the sidecar that marks them complete), all
+    through :mod:`synthbrain.export`'s ``real`` kind. A write that fails is a :class:`DatasetError`."""
+    import SimpleITK as sitk
+
+    from synthbrain import __version__
+    from synthbrain.data.template import load_template
+    from synthbrain.export import REAL, kind, sidecar
+    from synthbrain.io import atomic_write, write_volume
+    from synthbrain.viz.slices import rows_png
+
+    real = kind(REAL)
+    paths = output_paths(out, job.label, grid)
+    anat = paths["t1w"].parent
     q = res.qc
+    sources = {"Sources": [job.rel]} if job.rel is not None else {}
+    fields = {"SourceFingerprint": _fingerprint(job.t1w, grid), **sources, "SpatialReference": SPACE, **res.info,
+              "Prepare": {"Version": __version__, "ResumeKey": _resume_key(job.t1w, grid, brain_extraction),
+                          "BrainExtractionAsked": brain_extraction, "QC": q,
+                          "Steps": ["N4 bias-field correction (SimpleITK)",
+                                    f"brain extraction ({q['brain_extraction']})",
+                                    "rigid + affine registration to MNI152 2009 (SimpleITK, Mattes MI)",
+                                    f"resampling to the {grid.name} grid", "intensity normalisation"],
+                          "Transform": str(paths["transform"].relative_to(anat)),
+                          "TransformDirection": "MNI152 (LPS mm) -> subject (LPS mm), ITK convention",
+                          "Mask": paths["mask"].name,
+                          "QCImage": str(paths["qc"].relative_to(out / job.label))}}
+    side = sidecar(REAL, fields)  # refuses identifying keys before anything is written
+    mask_side = sidecar(REAL, {"Type": "Brain", "SpatialReference": SPACE, **sources})
     png = rows_png([("input, placed by its header", res.before), ("prepared", res.volume),
                     ("MNI152 template", Volume(load_template(grid).t1, grid.affine))],
-                   title=f"{job.label}: r = {q['correlation']:.3f} with the template, brain "
+                   title=f"{job.label}, {real.title}: r = {q['correlation']:.3f} with the template, brain "
                          f"{q['brain_volume_ml']:.0f} mL, input {q['input_rotation_deg']:.1f} deg / "
                          f"{q['input_shift_mm']:.1f} mm off MNI",
                    footer="; ".join(q["flags"]) or "no flags", width_px=900)
-    paths["qc"].parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(paths["qc"], png)
-    anat = paths["t1w"].parent
-    sidecar = {"Source": _fingerprint(job.t1w, grid), "Sources": [job.rel], "SpatialReference": SPACE, **res.info,
-               "Prepare": {"Version": __version__, "QC": q,
-                           "Steps": ["N4 bias-field correction (SimpleITK)",
-                                     f"brain extraction ({q['brain_extraction']})",
-                                     "rigid + affine registration to MNI152 2009 (SimpleITK, Mattes MI)",
-                                     f"resampling to the {grid.name} grid", "intensity normalisation"],
-                           "Transform": str(paths["transform"].relative_to(anat)),
-                           "TransformDirection": "MNI152 (LPS mm) -> subject (LPS mm), ITK convention",
-                           "Mask": paths["mask"].name,
-                           "QCImage": str(paths["qc"].relative_to(out / job.label))}}
-    write_volume(paths["t1w"], res.volume, description=f"SynthBrain prepared T1w ({grid.name} grid)",
-                 sidecar=sidecar)
-    return {"status": "prepared", "qc": q}
+    target = paths["transform"]
+    try:
+        anat.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp.tfm")
+        try:
+            sitk.WriteTransform(res.transform, str(tmp))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        target = paths["mask"]
+        write_volume(target, Volume(res.mask.astype(np.float32), grid.affine), dtype="uint8",
+                     description="SynthBrain REAL brain mask (prepared input)", sidecar=mask_side)
+        target = paths["qc"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, png)
+        target = paths["t1w"]
+        write_volume(target, res.volume, description=real.description, sidecar=side)
+    except OSError as e:
+        raise DatasetError(f"{job.label}: cannot write {target.relative_to(out)}: {e.strerror or e}") from None
+    except RuntimeError as e:  # ITK's WriteTransform
+        raise DatasetError(f"{job.label}: cannot write {target.relative_to(out)}: {_first_line(e)}") from None
 
 
 def _worker_init(threads: int) -> None:
@@ -575,11 +664,13 @@ def prepare_dataset(inputs: Sequence[str | Path], out: str | Path | None = None,
     """Prepare every subject of ``inputs`` (BIDS folders and/or NIfTI files) into the derivative
     dataset ``out`` (default: ``<BIDS>/derivatives/synthbrain``), ``jobs`` subjects at a time.
 
-    Subjects whose outputs are complete for the same input and grid are skipped; a subject that
-    fails is recorded with its message and the others go on. ``on_step(i, n, {"subject", "status"})``
-    after each subject. The QC table (``out/prepare-qc.tsv``) lists every subject of this run.
+    Subjects whose outputs are complete for the same input, grid, brain extraction and code are
+    skipped; a subject that fails (a typed error, or its worker process killed) is recorded with its
+    message and the others go on. ``on_step(i, n, {"subject", "status"})`` after each subject. The QC
+    table (``out/prepare-qc.tsv``) lists every subject of this run. A loose file not named ``sub-*``
+    is labelled by a digest; the summary's ``labelled`` says which file each such label stands for
+    (nothing written says it).
     """
-    from synthbrain import __version__
     from synthbrain.data.bids import tsv_text
     from synthbrain.io import atomic_write
 
@@ -593,18 +684,13 @@ def prepare_dataset(inputs: Sequence[str | Path], out: str | Path | None = None,
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    desc = out / "dataset_description.json"
-    if not desc.is_file():
-        atomic_write(desc, json.dumps({"Name": "SynthBrain prepared T1w", "BIDSVersion": "1.9.0",
-                                       "DatasetType": "derivative",
-                                       "GeneratedBy": [{"Name": "synthbrain prepare", "Version": __version__}]},
-                                      indent=2) + "\n")
+    _write_description(out)
     rows: dict[str, dict] = {}
     prepared, skipped, failed = [], [], {}
     todo = []
     n = len(job_list)
     for job in job_list:
-        qc = _complete(job, out, grid)
+        qc = _complete(job, out, grid, brain_extraction)
         if qc is not None:
             rows[job.label] = {"subject": job.label, "status": "skipped (complete)", **qc}
             skipped.append(job.label)
@@ -633,21 +719,60 @@ def prepare_dataset(inputs: Sequence[str | Path], out: str | Path | None = None,
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
+        # a worker killed (out of memory, a signal) breaks the pool: its subject and those not yet
+        # finished fail by name, the QC table is still written, and a run again retries them
+        died = {"status": "failed", "error": "not prepared: a worker process died during the run (killed, e.g. "
+                                             "out of memory); run prepare again to retry"}
         # spawn: a forked child would inherit the parent's torch / ITK thread pools in whatever state
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx, initializer=_worker_init,
                                  initargs=(_threads_per_job(jobs),)) as pool:
-            futures = {pool.submit(_run_job, job, *args): job for job in todo}
+            futures = {}
+            for job in todo:
+                try:
+                    futures[pool.submit(_run_job, job, *args)] = job
+                except BrokenProcessPool:
+                    record(job, died)
             for f in as_completed(futures):
-                record(futures[f], f.result())
+                try:
+                    result = f.result()
+                except BrokenProcessPool:
+                    result = died
+                record(futures[f], result)
 
     table = out / QC_TABLE
     ordered = [_qc_row(rows[j.label]) for j in job_list]
     atomic_write(table, tsv_text(ordered, QC_COLUMNS))
     order = [j.label for j in job_list]  # subjects finish in any order; report them in input order
     return PrepareSummary(out, sorted(prepared, key=order.index), skipped,
-                          {k: failed[k] for k in order if k in failed}, table)
+                          {k: failed[k] for k in order if k in failed}, table,
+                          {j.label: j.t1w for j in job_list if j.rel is None and j.label != _plain_label(j.t1w)})
+
+
+def _write_description(out: Path) -> None:
+    """``dataset_description.json`` of a ``real`` dataset (:func:`synthbrain.export.dataset_description`);
+    a folder that holds another kind of dataset is refused."""
+    from synthbrain import __version__
+    from synthbrain.export import REAL, dataset_description
+    from synthbrain.io import atomic_write
+
+    desc = out / "dataset_description.json"
+    old = None
+    if desc.is_file():
+        try:
+            old = json.loads(desc.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+    kind_there = old.get("Provenance") if isinstance(old, dict) else None
+    if kind_there == REAL:
+        return
+    if kind_there is not None:
+        raise DatasetError(f"{out}: holds a {kind_there} dataset; prepared real scans go to a folder of their own")
+    atomic_write(desc, json.dumps(dataset_description(REAL, "SynthBrain prepared T1w",
+                                                       {"Name": "synthbrain prepare", "Version": __version__}),
+                                  indent=2) + "\n")
 
 
 _QC_FORMATS = {"registration_metric": "{:.4f}", "correlation": "{:.4f}", "brain_volume_ml": "{:.1f}",
