@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -147,9 +148,12 @@ def child_reference(zoo: Path, grid: str, steps: int, device: torch.device) -> d
 
 
 def child_synthbrain(bundle: Path, steps: int, device: torch.device, decode: str) -> dict:
+    from synthbrain.grids import FULL
     from synthbrain.sampling import Generator
 
     gen = Generator.from_bundle(bundle, device=str(device), precision="fp32", decode=decode)
+    # the same choice of what the sliced decode recomputes as at 1 mm (only the last upsampling) on a smaller grid
+    gen.autoencoder.lazy_bytes = int(gen.autoencoder.lazy_bytes * math.prod(gen.grid.shape) / math.prod(FULL.shape))
     marks, before = {}, []
 
     def on_step(i, n, info):

@@ -128,13 +128,17 @@ class KLAutoencoder(nn.Module):
         """Latent (B, C, x, y, z) -> volume (B, 1, X, Y, Z)."""
         return self.net.decode(q)
 
-    def decode_sliced(self, q: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    # an upsampled feature map larger than this is recomputed rather than stored (sliced_decode)
+    lazy_bytes: int = 1 << 30
+
+    def decode_sliced(self, q: torch.Tensor, rows: int = 8, lazy_bytes: int | None = None) -> torch.Tensor:
         """:meth:`decode` in bounded memory, equal up to float rounding (synthbrain.models.sliced_decode);
         a decoder with blocks that cannot be sliced (attention) is decoded whole."""
         from synthbrain.models.sliced_decode import NotSliceable, sliced_decode
 
         try:
-            return sliced_decode(self.net, q, rows=rows)
+            return sliced_decode(self.net, q, rows=rows,
+                                 lazy_bytes=self.lazy_bytes if lazy_bytes is None else lazy_bytes)
         except NotSliceable:
             return self.decode(q)
 
