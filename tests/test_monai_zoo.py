@@ -352,3 +352,20 @@ def test_few_step_solver_runs_on_the_bundles_own_schedule(imported):
     assert torch.allclose(solver.betas, ref.betas.float()) and solver.config.prediction_type == "epsilon"
     assert solver.config.algorithm_type == "dpmsolver++" and len(solver.timesteps) == 4
     assert gen.config.default_steps < 50  # fewer than the reference's 50 DDIM steps
+
+
+@pytest.mark.slow
+def test_a_full_grid_import_samples_a_1mm_volume_with_the_grids_affine(tmp_path):
+    """The published latent shape (3 x 20 x 28 x 20): a 160 x 224 x 160 brain on the full grid, decoded
+    in slabs (auto on a CPU at 1 mm), with the full grid's affine."""
+    from synthbrain.sampling import Generator
+
+    inf = small_inference()
+    inf["noise"] = REAL_INFERENCE["noise"]
+    inf["autoencoder_def"].update(channels=[4, 4, 4, 4], norm_num_groups=2)
+    write_zoo(tmp_path / "zoo", inf, layout="monai")
+    gen = Generator.from_bundle(import_monai_zoo(tmp_path / "zoo", tmp_path / "bundle"), device="cpu")
+    assert gen.grid.name == "full" and gen.sliced_decode
+    s = gen.sample({"age": 0.5}, steps=2)[0]
+    assert s.volume.data.shape == (160, 224, 160) and np.array_equal(s.volume.affine, FULL.affine)
+    assert s.provenance == "synthetic"

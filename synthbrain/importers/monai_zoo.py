@@ -176,7 +176,7 @@ def read_zoo_bundle(path: str | Path) -> ZooBundle:
                           "transformer_num_layers", "cross_attention_dim", "upcast_attention"}, inf_path)
     try:
         ae = KLAutoencoderConfig.from_dict(ae_args)
-    except (SynthBrainError, TypeError) as e:
+    except (SynthBrainError, TypeError, ValueError) as e:
         raise BundleError(f"{inf_path}: autoencoder_def: {e}") from None
 
     conds = re.findall(r"@(\w+)", str(inference.get("conditioning", "")).split("]]")[0])
@@ -221,7 +221,9 @@ def read_zoo_bundle(path: str | Path) -> ZooBundle:
                           f"{inference.get('noise')!r}")
     latent = tuple(noise[1:])
     image = tuple(s * ae.downsampling for s in latent[1:])
-    published = (metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("spatial_shape"))
+    published = metadata
+    for key in ("network_data_format", "outputs", "pred", "spatial_shape"):
+        published = published.get(key) if isinstance(published, dict) else None
     if published is not None:
         try:
             published = tuple(int(s) for s in published)
@@ -589,7 +591,7 @@ def card_notes(config: dict) -> str:
     return "\n".join([
         "## Source", "",
         f"Imported from the MONAI model zoo bundle `{src['bundle']}` version {src.get('version')} ({src['url']}), "
-        f"by {src.get('authors')}. {src.get('copyright') or ''}", "",
+        f"by {str(src.get('authors')).rstrip('.')}. {src.get('copyright') or ''}", "",
         f"- Paper: {src['paper']}.",
         f"- Training data: {src.get('data_source')} (31,740 UK Biobank participants, T1w, 1 mm, per the bundle's "
         f"README).",
