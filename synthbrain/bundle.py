@@ -286,16 +286,20 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
     model loaded from them."""
     from safetensors.torch import save_file
 
-    from synthbrain.io import atomic_write
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{component}.safetensors.tmp"
     # one metadata entry: safetensors keeps metadata in a hash map, so with several keys their order,
     # and the file's checksum, would change from one save to the next
     meta = json.dumps({"component": component, "config": config, "dtype": WEIGHTS_DTYPE}, sort_keys=True)
-    save_file(state, str(tmp), metadata={"synthbrain": meta})
-    atomic_write(path / f"{component}.safetensors", tmp.read_bytes())
-    tmp.unlink()
+    try:
+        save_file(state, str(tmp), metadata={"synthbrain": meta})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        # renamed into place: complete or not at all, without reading the file back into memory
+        # (2.2 GB for the published 553 M-parameter prior)
+        os.replace(tmp, path / f"{component}.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     return sha256_file(path / f"{component}.safetensors")
 
 
