@@ -311,6 +311,8 @@ def test_cli_imports_and_refuses_in_one_line(zoo, tmp_path):
     missing = run(tmp_path / "nowhere", "--out", tmp_path / "x")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert "nowhere: folder not found" in missing.stderr
+    parent = run(zoo[0].parent, "--out", tmp_path / "y")  # the folder the bundle was downloaded into
+    assert parent.returncode == 2 and f"did you mean {zoo[0]}?" in parent.stderr
 
 
 # ------------------------------------------------------------------------------------------ sampling on a CPU

@@ -164,6 +164,8 @@ def read_zoo_bundle(path: str | Path) -> ZooBundle:
     if not root.is_dir():
         raise BundleError(f"{root}: folder not found (download the MONAI model-zoo bundle {ZOO_NAME} first)")
     inf_path = root / "configs" / "inference.json"
+    if not inf_path.is_file() and (root / ZOO_NAME / "configs" / "inference.json").is_file():
+        raise BundleError(f"{root}: not a MONAI model-zoo bundle itself; did you mean {root / ZOO_NAME}?")
     inference = _json(inf_path, root)
     metadata = _json(root / "configs" / "metadata.json", root)
 
