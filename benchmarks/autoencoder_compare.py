@@ -18,6 +18,8 @@ from synthbrain.evaluation import evaluate_autoencoder
 
 ROWS = (("PSNR in the brain (dB)", "psnr_brain", ".2f", ">= 30"), ("SSIM in the brain", "ssim_brain", ".4f", ""),
         ("PSNR whole volume (dB)", "psnr", ".2f", ">= 33"), ("SSIM whole volume", "ssim", ".4f", ">= 0.97"),
+        ("MNI152 template: PSNR in the brain (dB)", "mni152_template.psnr_brain", ".2f", ">= 27"),
+        ("MNI152 template: SSIM in the brain", "mni152_template.ssim_brain", ".4f", ""),
         ("MS-SSIM", "ms_ssim", ".4f", ""), ("MAE (intensity 0..1)", "mae", ".4f", ""),
         ("codebook usage", "codebook_usage", ".2f", ""),
         ("code bits / 16-bit volume bits", "latent_bits_per_volume_bits", ".2%", "<= 1 %"),
@@ -36,7 +38,12 @@ def main() -> None:
             copy = copy_bundle(b, Path(tmp) / f"b{i}")
             results.append(evaluate_autoencoder(copy, a.data))
     head = "| figure | " + " | ".join(str(b) for b in a.bundles) + " | goal |\n|---|" + "---|" * (len(a.bundles) + 1)
-    lines = [f"| {label} | " + " | ".join(format(r[key], fmt) for r in results) + f" | {goal} |"
+    def value(r: dict, key: str):
+        for part in key.split("."):
+            r = r[part]
+        return r
+
+    lines = [f"| {label} | " + " | ".join(format(value(r, key), fmt) for r in results) + f" | {goal} |"
              for label, key, fmt, goal in ROWS]
     shapes = " vs ".join("x".join(map(str, r["latent_shape"])) for r in results)
     same = "the same for all" if all(r["held_out"] for r in results) else "not held out for every bundle"

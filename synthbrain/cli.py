@@ -371,8 +371,9 @@ def evaluate_autoencoder_cmd(
                f"SSIM {r['ssim']:.4f}, MS-SSIM {r['ms_ssim']:.4f}, MAE {r['mae']:.4f}; codebook usage "
                f"{100 * r['codebook_usage']:.1f} %; size {r['code_bits']:,} code bits = "
                f"{100 * r['latent_bits_per_volume_bits']:.2f} % of a 16-bit volume "
-               f"({100 * r['latent_values_per_voxel']:.2f} % as many values as voxels) -> {bundle / 'metrics.json'}, "
-               f"{bundle / RECONSTRUCTION_PNG}")
+               f"({100 * r['latent_values_per_voxel']:.2f} % as many values as voxels); MNI152 template: PSNR "
+               f"{r['mni152_template']['psnr_brain']:.2f} dB in the brain, {r['mni152_template']['psnr']:.2f} dB "
+               f"whole -> {bundle / 'metrics.json'}, {bundle / RECONSTRUCTION_PNG}")
 
 
 @evaluate_app.command("prior")

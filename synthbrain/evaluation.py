@@ -69,6 +69,7 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
                          "volume_bits_16bit": "bits"},
                   per_subject={ds.subjects[i].label: {k: round(r[k], 4) for k in headline}
                                for i, r in zip(idx, rows)})
+    result["mni152_template"] = _template_fidelity(bundle, device)
     median = int(np.argsort([r["psnr_brain"] for r in rows])[len(rows) // 2])
     result["picture"] = {"file": RECONSTRUCTION_PNG, "subject": ds.subjects[idx[median]].label}
     _write_reconstruction_png(bundle, ds.volume(idx[median]), recons[median], ds.subjects[idx[median]].label,
@@ -76,6 +77,20 @@ def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str 
     update_metrics(bundle.path, "autoencoder", result)
     _refresh_card(bundle.path)
     return result
+
+
+def _template_fidelity(bundle, device: str) -> dict:
+    """The real brain on this machine: nilearn's 1 mm MNI152 2009 T1, preprocessed onto the grid as
+    ``synthbrain reconstruct`` does, then reconstructed; PSNR in dB."""
+    from nilearn import datasets
+
+    from synthbrain.io import read_volume
+    from synthbrain.reconstruction import reconstruct
+
+    with torch.inference_mode():
+        m = reconstruct(bundle, read_volume(datasets.MNI152_FILE_PATH), device=device).metrics
+    return {"source": "nilearn MNI152 2009a symmetric T1, 1 mm, resampled to the grid",
+            **{k: m[k] for k in ("psnr_brain", "ssim_brain", "psnr", "ssim")}}
 
 
 def _write_reconstruction_png(bundle, original: np.ndarray, recon: np.ndarray, label: str, m: dict,

@@ -55,6 +55,9 @@ def test_demo_autoencoder_figures_match_a_rerun_of_evaluate(tmp_path):
     for label in labels:
         assert rerun["per_subject"][label]["psnr"] == pytest.approx(shipped[label]["psnr"], abs=0.01)
         assert rerun["per_subject"][label]["ssim"] == pytest.approx(shipped[label]["ssim"], abs=1e-3)
+    for key in ("psnr_brain", "ssim_brain"):
+        assert rerun["mni152_template"][key] == pytest.approx(b.metrics["autoencoder"]["mni152_template"][key],
+                                                              abs=1e-3)
 
 
 @pytest.mark.slow

@@ -59,6 +59,8 @@ def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
     assert {"psnr_brain", "ssim_brain", "psnr", "ssim", "ms_ssim", "mae", "codebook_usage",
             "latent_values_per_voxel"} <= set(m)
     assert m["latent_values_per_voxel"] == pytest.approx(4 * 4 * 6 * 4 / (32 * 48 * 32))
+    t = m["mni152_template"]  # the real brain on the machine, through the same reconstruct() as the CLI
+    assert 0 < t["psnr_brain"] < t["psnr"] and 0 < t["ssim_brain"] <= 1 and "MNI152" in t["source"]
     assert m["code_bits"] == 4 * 6 * 4 * 5 and "PSNR" in out and "% of a 16-bit volume" in out  # 32 codes: 5 bits
     picture = (bundle / m["picture"]["file"]).read_bytes()
     assert picture[:8] == b"\x89PNG\r\n\x1a\n" and m["picture"]["subject"] in m["per_subject"]

@@ -131,16 +131,12 @@ def rows_png(rows: Sequence[tuple[str, Volume]], *, point_mm: Sequence[float] | 
     axes = fig.subplots(n, 3, squeeze=False, gridspec_kw={"width_ratios": widths})
     diff_cmap = matplotlib.colormaps["RdBu_r"].copy()
     diff_cmap.set_bad("black")
-    for r, (label, pl, cmap, (lo, top)) in enumerate(panels):
-        for c, (name, (img, extent, pos)) in enumerate(pl.items()):
+    for r, (_, pl, cmap, (lo, top)) in enumerate(panels):
+        for c, (img, extent, _) in enumerate(pl.values()):
             ax = axes[r, c]
             im = ax.imshow(img, cmap=diff_cmap if cmap == "diff" else cmap, origin="lower", extent=extent,
                            vmin=lo, vmax=top, interpolation="nearest")
             ax.set_axis_off()
-            if r == 0:
-                ax.set_title(f"{name}  {_AXIS[name]} = {pos:+.0f} mm", color="white", fontsize=10)
-            if c == 0:
-                ax.text(0.01, 0.98, label, ha="left", va="top", color="#ffd54a", fontsize=10, transform=ax.transAxes)
         if cmap == "diff":
             diff_image = im
     if title:
@@ -149,6 +145,14 @@ def rows_png(rows: Sequence[tuple[str, Volume]], *, point_mm: Sequence[float] | 
         fig.text(0.5, 0.05 / fig_h, footer, ha="center", va="bottom", color="#bbbbbb", fontsize=8)
     fig.subplots_adjust(left=0.005, right=0.91 if difference is not None else 0.995, top=1 - top_in / fig_h,
                         bottom=bottom_in / fig_h, wspace=0.02, hspace=0.04)
+    # labels by the grid cells, not the axes: planes of different heights would put them at different heights
+    for c, (name, (_, _, pos)) in enumerate(panels[0][1].items()):
+        cell = axes[0, c].get_subplotspec().get_position(fig)
+        fig.text((cell.x0 + cell.x1) / 2, cell.y1 + 0.05 / fig_h, f"{name}  {_AXIS[name]} = {pos:+.0f} mm",
+                 ha="center", va="bottom", color="white", fontsize=10)
+    for r, (label, *_) in enumerate(panels):
+        cell = axes[r, 0].get_subplotspec().get_position(fig)
+        fig.text(cell.x0 + 0.005, cell.y1 - 0.02 / fig_h, label, ha="left", va="top", color="#ffd54a", fontsize=10)
     if difference is not None:
         pos = axes[-1, 2].get_position()
         bar = fig.colorbar(diff_image, cax=fig.add_axes((0.925, pos.y0 + 0.1 * pos.height, 0.012, 0.8 * pos.height)))
