@@ -47,3 +47,32 @@ CHECKPOINT_DAMAGE: dict[str, Callable[[Path], None]] = {
     "state.json cut short": lambda d: (d / "state.json").write_text('{"step": 4, "sampler": '),
     "checksums.json deleted, a foreign file in its place": _foreign,
 }
+
+
+# configs/inference.json of the MONAI model zoo's brain_image_synthesis_latent_diffusion_model (version
+# 1.0.0), as published: the networks are built from it with random weights by tests and benchmarks
+UKB_LDM_INFERENCE = {
+    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path"],
+    "bundle_root": ".", "load_old": 1, "model_dir": "$@bundle_root + '/models'",
+    "gender": 0.0, "age": 0.1, "ventricular_vol": 0.2, "brain_vol": 0.4,
+    "conditioning": "$torch.tensor([[@gender, @age, @ventricular_vol, @brain_vol]]).to(@device).unsqueeze(1)",
+    "autoencoder_def": {
+        "_target_": "monai.networks.nets.AutoencoderKL", "spatial_dims": 3, "in_channels": 1, "out_channels": 1,
+        "latent_channels": 3, "channels": [64, 128, 128, 128], "num_res_blocks": 2, "norm_num_groups": 32,
+        "norm_eps": 1e-06, "attention_levels": [False, False, False, False], "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False},
+    "network_def": "@autoencoder_def",
+    "load_autoencoder_path": "$@model_dir + '/autoencoder.pt'",
+    "diffusion_def": {
+        "_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 3, "in_channels": 7, "out_channels": 3,
+        "channels": [256, 512, 768], "num_res_blocks": 2, "attention_levels": [False, True, True],
+        "norm_num_groups": 32, "norm_eps": 1e-06, "resblock_updown": True, "num_head_channels": [0, 512, 768],
+        "with_conditioning": True, "transformer_num_layers": 1, "cross_attention_dim": 4, "upcast_attention": True,
+        "use_flash_attention": False},
+    "load_diffusion_path": "$@model_dir + '/model.pt'",
+    "scheduler": {"_target_": "monai.networks.schedulers.DDIMScheduler", "_requires_": ["@load_diffusion"],
+                  "beta_start": 0.0015, "beta_end": 0.0205, "num_train_timesteps": 1000,
+                  "schedule": "scaled_linear_beta", "clip_sample": False},
+    "noise": "$torch.randn((1, 3, 20, 28, 20)).to(@device)",
+    "set_timesteps": "$@scheduler.set_timesteps(num_inference_steps=50)",
+}

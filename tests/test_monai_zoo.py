@@ -24,33 +24,8 @@ from synthbrain.bundle import load_bundle, read_config
 from synthbrain.errors import BundleError, ConditionError, ConfigError
 from synthbrain.grids import FULL, TINY
 from synthbrain.importers.monai_zoo import import_monai_zoo, map_state_dict, read_zoo_bundle
+from synthbrain.testing import UKB_LDM_INFERENCE
 
-# configs/inference.json of the model zoo bundle (version 1.0.0), as published
-REAL_INFERENCE = {
-    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path"],
-    "bundle_root": ".", "load_old": 1, "model_dir": "$@bundle_root + '/models'",
-    "gender": 0.0, "age": 0.1, "ventricular_vol": 0.2, "brain_vol": 0.4,
-    "conditioning": "$torch.tensor([[@gender, @age, @ventricular_vol, @brain_vol]]).to(@device).unsqueeze(1)",
-    "autoencoder_def": {
-        "_target_": "monai.networks.nets.AutoencoderKL", "spatial_dims": 3, "in_channels": 1, "out_channels": 1,
-        "latent_channels": 3, "channels": [64, 128, 128, 128], "num_res_blocks": 2, "norm_num_groups": 32,
-        "norm_eps": 1e-06, "attention_levels": [False, False, False, False], "with_encoder_nonlocal_attn": False,
-        "with_decoder_nonlocal_attn": False},
-    "network_def": "@autoencoder_def",
-    "load_autoencoder_path": "$@model_dir + '/autoencoder.pt'",
-    "diffusion_def": {
-        "_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 3, "in_channels": 7, "out_channels": 3,
-        "channels": [256, 512, 768], "num_res_blocks": 2, "attention_levels": [False, True, True],
-        "norm_num_groups": 32, "norm_eps": 1e-06, "resblock_updown": True, "num_head_channels": [0, 512, 768],
-        "with_conditioning": True, "transformer_num_layers": 1, "cross_attention_dim": 4, "upcast_attention": True,
-        "use_flash_attention": False},
-    "load_diffusion_path": "$@model_dir + '/model.pt'",
-    "scheduler": {"_target_": "monai.networks.schedulers.DDIMScheduler", "_requires_": ["@load_diffusion"],
-                  "beta_start": 0.0015, "beta_end": 0.0205, "num_train_timesteps": 1000,
-                  "schedule": "scaled_linear_beta", "clip_sample": False},
-    "noise": "$torch.randn((1, 3, 20, 28, 20)).to(@device)",
-    "set_timesteps": "$@scheduler.set_timesteps(num_inference_steps=50)",
-}
 METADATA = {"version": "1.0.0", "authors": "Walter H. L. Pinaya, Petru-Daniel Tudosiu, et al.",
             "copyright": "Copyright (c) MONAI Consortium", "data_source": "https://www.ukbiobank.ac.uk/",
             "eval_metrics": {"fid": 0.0076, "msssim": 0.6555, "4gmsssim": 0.3883},
@@ -61,7 +36,7 @@ METADATA = {"version": "1.0.0", "authors": "Walter H. L. Pinaya, Petru-Daniel Tu
 
 def small_inference() -> dict:
     """The same classes and arguments with few channels, on the tiny grid (latent 3 x 4 x 6 x 4)."""
-    inf = copy.deepcopy(REAL_INFERENCE)
+    inf = copy.deepcopy(UKB_LDM_INFERENCE)
     inf["autoencoder_def"].update(channels=[8, 8, 8, 8], norm_num_groups=4)
     inf["diffusion_def"].update(channels=[8, 16, 16], norm_num_groups=4, num_head_channels=[0, 8, 16])
     inf["noise"] = "$torch.randn((1, 3, 4, 6, 4)).to(@device)"
@@ -168,14 +143,14 @@ def test_real_sizes_map_on_the_meta_device(tmp_path):
     root = tmp_path / "zoo"
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
-    (root / "configs" / "inference.json").write_text(json.dumps(REAL_INFERENCE))
+    (root / "configs" / "inference.json").write_text(json.dumps(UKB_LDM_INFERENCE))
     (root / "configs" / "metadata.json").write_text(json.dumps(METADATA))
     for name in ("autoencoder.pt", "model.pt"):
         (root / "models" / name).write_bytes(b"")
     zoo = read_zoo_bundle(root)
     assert zoo.latent_shape == (3, 20, 28, 20) and zoo.image_shape == FULL.shape
     assert zoo.reference["steps"] == 50 and zoo.prior.classifier_free_guidance is False
-    ae, unet = build_networks(REAL_INFERENCE, device="meta")
+    ae, unet = build_networks(UKB_LDM_INFERENCE, device="meta")
     assert sum(p.numel() for p in ae.parameters()) == 13_766_248
     assert sum(p.numel() for p in unet.parameters()) == 553_168_899
     for net in (ae, unet):
@@ -363,7 +338,7 @@ def test_a_full_grid_import_samples_a_1mm_volume_with_the_grids_affine(tmp_path)
     from synthbrain.sampling import Generator
 
     inf = small_inference()
-    inf["noise"] = REAL_INFERENCE["noise"]
+    inf["noise"] = UKB_LDM_INFERENCE["noise"]
     inf["autoencoder_def"].update(channels=[4, 4, 4, 4], norm_num_groups=2)
     write_zoo(tmp_path / "zoo", inf, layout="monai")
     gen = Generator.from_bundle(import_monai_zoo(tmp_path / "zoo", tmp_path / "bundle"), device="cpu")
