@@ -235,12 +235,18 @@ def _build(component: str, cfg: dict, state: dict, grid: Grid, schema: Condition
             raise RuntimeError("a tensor of the network is not in the file")
     except SynthBrainError as e:
         raise BundleError(f"{path}: {component} config is invalid ({e})") from None
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path}/config.json: {component} entry is incomplete ({e})") from None
+    except _MALFORMED as e:
+        raise BundleError(f"{path}/config.json: {component} entry is incomplete or malformed "
+                          f"({type(e).__name__}: {e})") from None
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise BundleError(f"{path}: {component}.safetensors does not match its config ({first})") from None
     return model.eval()
+
+
+# What parsing a hand-edited or damaged config.json can raise before our own checks see a value: a
+# string, list or null where a number or mapping belongs, NaN or infinity where an integer belongs.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
 
 
 def load_bundle(path: str | Path | None = None, device: str = "cpu",
@@ -251,16 +257,18 @@ def load_bundle(path: str | Path | None = None, device: str = "cpu",
     try:
         grid = Grid.from_dict(cfg["grid"])
         schema = ConditionSchema.from_dict(cfg["conditions"])
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path}/config.json: grid or conditions entry is incomplete ({e})") from None
     except SynthBrainError as e:
         raise BundleError(f"{path}/config.json: {e}") from None
+    except _MALFORMED as e:
+        raise BundleError(f"{path}/config.json: grid or conditions entry is incomplete or malformed "
+                          f"({type(e).__name__}: {e})") from None
     try:
         _check_size(path, cfg, grid, schema, components)
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{path}/config.json: a network entry is incomplete ({e})") from None
     except SynthBrainError as e:
         raise BundleError(f"{path}/config.json: {e}") from None
+    except _MALFORMED as e:
+        raise BundleError(f"{path}/config.json: a network entry is incomplete or malformed "
+                          f"({type(e).__name__}: {e})") from None
     bundle = Bundle(path=path, config=cfg, grid=grid, schema=schema)
     for component in components:
         if component not in cfg:

@@ -44,7 +44,7 @@ class Condition:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not self.name.isidentifier():
+        if not (isinstance(self.name, str) and self.name.isidentifier()):
             raise ConditionError(f"condition name {self.name!r} must be a Python identifier")
         if self.kind == "continuous":
             if self.low is None or self.high is None or not (math.isfinite(self.low) and math.isfinite(self.high)):

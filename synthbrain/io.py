@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 import uuid
 import zlib
@@ -160,8 +161,9 @@ def _read_stream(f: BinaryIO, name: str, compressed: bool, max_voxels: int | Non
     data = values.reshape(shape[:3], order="F").astype(np.float32)
     del raw, values
     if slope is not None:
-        data *= np.float32(slope)
-        data += np.float32(inter)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, refused just below
+            data *= np.float32(slope)
+            data += np.float32(inter)
     bad = data.size - int(np.count_nonzero(np.isfinite(data)))
     if bad:
         raise fail(f"{bad} of {data.size} voxels are NaN or infinite")
@@ -215,9 +217,11 @@ def _parse_header(head: bytes, fail: Callable[[str], Exception]) -> tuple:
     if nbytes > MAX_VOXEL_BYTES:
         raise fail(f"header declares {nbytes / 1024**3:.1f} GiB of voxel data; the limit is "
                    f"{MAX_VOXEL_BYTES / 1024**3:.0f} GiB")
-    vox_offset = int(hdr["vox_offset"])
-    if not klass.sizeof_hdr + 4 <= vox_offset <= MAX_VOX_OFFSET:
-        raise fail(f"invalid vox_offset {hdr['vox_offset']}")
+    offset = float(hdr["vox_offset"])  # a float32 field in NIfTI-1: NaN, infinite or fractional in a damaged file
+    if not (math.isfinite(offset) and offset.is_integer() and klass.sizeof_hdr + 4 <= offset <= MAX_VOX_OFFSET):
+        raise fail(f"invalid vox_offset {hdr['vox_offset']} (expected a whole number of bytes from "
+                   f"{klass.sizeof_hdr + 4} to {MAX_VOX_OFFSET})")
+    vox_offset = int(offset)
 
     try:
         affine = hdr.get_best_affine()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +32,14 @@ def read_tsv(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    try:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 tab-separated values") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a readable tab-separated table ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: no rows")
     return rows
@@ -57,12 +64,16 @@ def subject_label(participant_id: str) -> str:
 
 def find_t1w(root: Path, sub: str) -> Path:
     anat = root / sub / "anat"
-    for ext in (".nii.gz", ".nii"):
-        p = anat / f"{sub}_T1w{ext}"
-        if p.is_file():
-            return p
-    # sessions or acquisition entities: take the first T1w found, in sorted order
-    found = sorted(root.glob(f"{sub}/**/{sub}_*T1w.nii*"))
+    try:
+        for ext in (".nii.gz", ".nii"):
+            p = anat / f"{sub}_T1w{ext}"
+            if p.is_file():
+                return p
+        # sessions or acquisition entities: take the first T1w found, in sorted order
+        found = sorted(root.glob(f"{sub}/**/{sub}_*T1w.nii*"))
+    except (OSError, ValueError) as e:  # a participant_id no file can be named after (too long, a NUL, ...)
+        raise DatasetError(f"{sub[:80]}: cannot look for its T1w image ({type(e).__name__}: "
+                           f"{getattr(e, 'strerror', None) or e})") from None
     if not found:
         raise DatasetError(f"{sub}: no T1w image (looked for {sub}/anat/{sub}_T1w.nii.gz)")
     return found[0]
@@ -114,7 +125,9 @@ class BIDSDataset:
             raise DatasetError(f"{self.root / 'participants.tsv'}: no participant_id column")
         wanted = None if subjects is None else {subject_label(s) for s in subjects}
         self.subjects: list[Subject] = []
-        for row in rows:
+        for number, row in enumerate(rows, start=2):
+            if not (row["participant_id"] or "").strip():
+                raise DatasetError(f"{self.root / 'participants.tsv'}: line {number} has no participant_id")
             sub = subject_label(row["participant_id"])
             if wanted is not None and sub not in wanted:
                 continue
@@ -242,7 +255,7 @@ def schema_for_dataset(root: str | Path, extra_conditions: Sequence[str] = (),
     rows = read_tsv(Path(root) / "participants.tsv")
     table: dict[str, list[Any]] = {}
     for row in rows:
-        sub = subject_label(row.get("participant_id", "?"))
+        sub = subject_label(row.get("participant_id") or "?")
         for c in list(base.names) + list(extra_conditions):
             raw = row.get(c)
             if raw is None:
@@ -253,9 +266,14 @@ def schema_for_dataset(root: str | Path, extra_conditions: Sequence[str] = (),
     for c in base:
         if c.kind == "continuous":
             try:
-                [float(v) for v in table[c.name]]
+                bad = [v for v in table[c.name] if not math.isfinite(float(v))]
             except ValueError as e:
                 raise DatasetError(f"participants.tsv: column {c.name!r} must be numbers ({e})") from None
+            if bad:
+                raise DatasetError(f"participants.tsv: column {c.name!r} must be finite numbers, got {bad[0]!r}")
     widened = ConditionSchema(tuple(
         replace(c, low=-1e9, high=1e9) if c.kind == "continuous" else c for c in base))
-    return widened.with_extra_columns(table, extra_conditions).with_ranges_from(table)
+    try:
+        return widened.with_extra_columns(table, extra_conditions).with_ranges_from(table)
+    except ConditionError as e:
+        raise DatasetError(f"participants.tsv: {e}") from None
