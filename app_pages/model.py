@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -10,7 +12,8 @@ from synthbrain.tuning import find_summary
 
 bundle = common.current_bundle()
 st.title(f"Model: {bundle.name}")
-st.caption(f"Bundle folder: `{bundle.path}` · grid {bundle.grid.name} "
+# the folder's name only: the page may be served to people who have no business knowing the server's folders
+st.caption(f"Bundle folder: `{Path(bundle.path).name}` · grid {bundle.grid.name} "
            f"({' x '.join(map(str, bundle.grid.shape))} at {bundle.grid.spacing:g} mm)")
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")

@@ -130,6 +130,7 @@ def test_metrics_are_rounded_tables_with_units_and_the_bundles_pictures(monkeypa
         f"{m['prior']['diversity']['ms_ssim_synthetic_same_condition']:.3f}", "")]
     assert {unit for _, unit in tables["bias (measured - requested)"]} == {"mL"}
     assert "lower = more diverse" in texts(at)  # the diversity note beside its table
+    assert "`bundle`" in texts(at) and str(tmp_path) not in texts(at)  # the folder's name, not the server's path
     # no raw float anywhere outside the expander
     shown = texts(at) + " ".join(f"{e.value}" for e in at.metric) + " ".join(t.value.to_string() for t in at.table)
     assert not re.findall(r"\d\.\d{6,}", shown)
