@@ -299,7 +299,8 @@ def sample(
     ventricular_volume: float | None = typer.Option(None, "--ventricular-volume", help="mL"),
     brain_volume: float | None = typer.Option(None, "--brain-volume", help="mL"),
     condition: list[str] = typer.Option([], "--condition", help="any condition as NAME=VALUE"),
-    n: int = typer.Option(1, "--n", min=1, help="number of brains"),
+    n: int = typer.Option(1, "--n", "-n", min=1, help="number of brains (-n under torchrun, which takes --n as "
+                          "an abbreviation of its own options)"),
     seed: int = typer.Option(0, "--seed", help="sample i uses seed + i"),
     steps: int | None = typer.Option(None, "--steps", min=1, help="solver steps (default: the bundle's)"),
     guidance: float | None = typer.Option(None, "--guidance", help="classifier-free guidance scale"),
@@ -310,10 +311,13 @@ def sample(
 ) -> None:
     """Sample synthetic brains for requested conditions. An unspecified volume takes the value typical of
     the requested age and sex in the model's training population; other unspecified conditions the
-    schema's typical value."""
+    schema's typical value. Under torchrun the ranks share the seeds and write one dataset, the one a
+    single process writes."""
+    from contextlib import nullcontext
+
     from synthbrain.bundle import load_bundle
-    from synthbrain.sampling import Generator, write_samples
-    from synthbrain.training.loop import pick_device
+    from synthbrain.sampling import Generator, sample_dataset
+    from synthbrain.training.loop import distributed, pick_device
 
     values: dict = {"age": age, "sex": sex, "ventricular_volume": ventricular_volume, "brain_volume": brain_volume}
     for item in condition:
@@ -326,14 +330,15 @@ def sample(
     gen = Generator(b, device=pick_device(device), precision=precision)
     full = gen.complete(values)  # validates before any work: out-of-range values stop here
     note = gen.guidance_warning(guidance)
-    if note:
-        typer.echo(f"synthbrain: warning: {note}", err=True)
-    with progress(f"sample ({gen.device})") as on_step:
-        samples = gen.sample(full, n=n, seed=seed, steps=steps, guidance=guidance, on_step=on_step)
-    with progress("write + measure") as on_step:
-        write_samples(out, samples, b, measure=not no_measure, on_step=on_step)
-    typer.echo(f"wrote {n} synthetic brains to {out} ({samples[0].seconds:.2f} s per brain on {gen.device}, "
-               f"{gen.precision})")
+    with distributed(gen.device) as dist:
+        if note and dist.is_main:
+            typer.echo(f"synthbrain: warning: {note}", err=True)
+        with progress(f"sample + write ({gen.device})") if dist.is_main else nullcontext() as on_step:
+            s = sample_dataset(gen, out, full, n=n, seed=seed, steps=steps, guidance=guidance,
+                               measure=not no_measure, on_step=on_step, dist=dist)
+    ranks = f", {s['world_size']} processes" if s["world_size"] > 1 else ""
+    _rank0_echo(f"wrote {n} synthetic brains to {out} ({s['seconds_per_brain']:.2f} s per brain on {gen.device}, "
+                f"{gen.precision}{ranks})")
 
 
 @app.command("import-bundle")
@@ -449,7 +454,7 @@ def audit(
 @app.command()
 def release(
     bundle: Path | None = BundleOpt,
-    n: int = typer.Option(..., "--n", min=1, help="number of synthetic subjects"),
+    n: int = typer.Option(..., "--n", "-n", min=1, help="number of synthetic subjects (-n under torchrun)"),
     conditions: str = typer.Option("population", "--conditions", help="grid, population or a TSV file of "
                                    "conditions (one row per subject)"),
     train: Path = typer.Option(..., "--train", help="BIDS dataset the bundle was trained on (for the audit)"),
@@ -462,17 +467,24 @@ def release(
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
 ) -> None:
-    """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable)."""
+    """Sample, audit, replace what is flagged, and write a shareable BIDS derivative dataset (resumable).
+    Under torchrun the ranks share the subjects and write one release, the one a single process writes."""
+    from contextlib import nullcontext
+
+    import torch
+
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings
     from synthbrain.privacy import release as run
+    from synthbrain.training.loop import distributed
 
     b = load_bundle(bundle, device=device)
-    with progress("release") as on_step:
+    with distributed(torch.device(device)) as dist, (progress("release") if dist.is_main else nullcontext()) as on_step:
         s = run(b, n, conditions, train, out, holdout, seed=seed, steps=steps, guidance=guidance,
-                settings=AuditSettings(max_shift=max_shift), device=device, precision=precision, on_step=on_step)
-    typer.echo(f"released {s['released']} of {s['requested']} synthetic subjects to {out}; "
-               f"{s['replaced_flagged_samples']} flagged samples replaced, {len(s['dropped'])} dropped")
+                settings=AuditSettings(max_shift=max_shift), device=device, precision=precision,
+                on_step=on_step, dist=dist)
+    _rank0_echo(f"released {s['released']} of {s['requested']} synthetic subjects to {out}; "
+                f"{s['replaced_flagged_samples']} flagged samples replaced, {len(s['dropped'])} dropped")
 
 
 @evaluate_app.command("guidance")

@@ -619,7 +619,7 @@ def release_conditions(bundle, how: str, n: int, train, seed: int) -> list[dict]
 
 def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None, seed: int = 0,
             steps: int | None = None, guidance: float | None = None, settings: AuditSettings = AuditSettings(),
-            device: str = "cpu", precision: str = "auto", on_step: OnStep | None = None) -> dict:
+            device: str = "cpu", precision: str = "auto", on_step: OnStep | None = None, dist=None) -> dict:
     """Sample ``n`` synthetic brains, audit each against the training set, replace the flagged ones
     (a fresh seed, up to ``MAX_ATTEMPTS`` per subject; a subject still flagged then is dropped, and
     said so) and write a shareable BIDS derivative dataset to ``out``.
@@ -627,6 +627,12 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     Resumable: every finished subject's record is written last (atomically), so a release killed at
     any moment and restarted with the same arguments skips what is done and ends with the dataset an
     uninterrupted run writes. ``out`` must be new, empty, or a release with the same plan.
+
+    ``dist`` (the :class:`~synthbrain.training.loop.DistContext` of a torchrun job; default: one
+    process) shards the subjects: rank r samples and audits subjects r, r + K, ... (one at a time, as
+    one process does) and writes them and their records into ``out`` (a folder every rank sees); once
+    every rank is done, rank 0 alone writes participants.tsv, the report and dataset_description.json
+    from the records. Every rank returns rank 0's summary.
     """
     import hashlib
     import json
@@ -635,6 +641,7 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     from synthbrain.export import SYNTHETIC, DatasetWriter, generated_by
     from synthbrain.io import atomic_write
     from synthbrain.sampling import Generator, measure_sample, sample_entities, sample_sidecar
+    from synthbrain.training.loop import DistContext
 
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
@@ -648,6 +655,13 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
             "holdout_subjects": len(held), "settings": asdict(settings),
             "precision": precision}
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    dist = dist or DistContext()
+    dev = torch.device(device)
+
+    def sync(obj=None) -> list:  # a collective: every rank waits for all (tensors on the GPU under nccl)
+        return dist.all_gather_json(obj, dev if dev.type == "cuda" else torch.device("cpu"))
+
+    sync()  # every rank is past its command line (whose --out probe is an entry in the folder)
     mark = out / RELEASE_MARK
     if out.exists() and any(out.iterdir()):
         if not mark.is_file():
@@ -655,10 +669,13 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
         if json.loads(mark.read_text()).get("plan_id") != plan_id:
             raise ConfigError(f"{out} holds a release with other settings; resume it with the same arguments "
                               "or choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(mark, json.dumps({"plan_id": plan_id, "plan": plan}, indent=2) + "\n")
+    sync()  # every rank has looked at the folder before rank 0 marks it
     state = out / RELEASE_STATE
-    state.mkdir(exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(mark, json.dumps({"plan_id": plan_id, "plan": plan}, indent=2) + "\n")
+        state.mkdir(exist_ok=True)
+    sync()
 
     wanted = release_conditions(bundle, conditions, n, train, seed)
     gen = Generator(bundle, device=device, precision=precision)
@@ -667,6 +684,8 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     writer = DatasetWriter(SYNTHETIC, "SynthBrain synthetic cohort (audited release)", generated_by(bundle),
                            folder=out)
     for i, cond in enumerate(wanted):
+        if i % dist.world_size != dist.rank:
+            continue
         sub = f"synth{i + 1:04d}"
         record = state / f"sub-{sub}.json"
         if not record.is_file():
@@ -689,7 +708,8 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
             atomic_write(record, json.dumps(rec, indent=2, default=float) + "\n")  # last: the subject is done
         if on_step:
             on_step(i + 1, n, {"stage": "sample + audit"})
-    return _finish_release(out, bundle, n, auditor, writer, plan)
+    sync()  # every subject's record is on disk
+    return sync(_finish_release(out, bundle, n, auditor, writer, plan) if dist.is_main else None)[0]
 
 
 def _finish_release(out, bundle, n, auditor: Auditor, writer, plan) -> dict:

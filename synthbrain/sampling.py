@@ -405,28 +405,125 @@ def measure_sample(sample: Sample) -> tuple[dict | None, dict]:
     return vols, {"brain_volume_mL": m.brain_volume, "ventricular_volume_mL": m.ventricular_volume}
 
 
+DATASET_TITLE = "SynthBrain synthetic cohort"
+# what makes a folder a dataset: written last, once every subject is on disk, and removed first
+INDEX_FILES = ("participants.tsv", "participants.json", "dataset_description.json")
+
+
+def _start_dataset(out: Path, bundle, clear_index: bool = True):
+    from synthbrain.export import DatasetWriter, generated_by
+
+    writer = DatasetWriter(SYNTHETIC, DATASET_TITLE, generated_by(bundle), folder=out)
+    if clear_index:  # a folder that held a dataset must not look complete before this one is
+        for name in INDEX_FILES:
+            (out / name).unlink(missing_ok=True)
+    return writer
+
+
+def _write_subject(writer, i: int, sample: Sample, bundle, measure: bool) -> dict:
+    """Write subject ``i`` (``sub-synth<i + 1>``, 4 digits): its volume and sidecar; returns its
+    participants.tsv row."""
+    sub = f"synth{i + 1:04d}"
+    vols, entry = measure_sample(sample) if measure else (None, None)
+    writer.add(f"sub-{sub}/anat", sample_entities(bundle, sub), sample.volume,
+               sample_sidecar(sample, bundle, {"Measured": entry} if measure else None))
+    rows, _, _ = samples_table([sample], [f"sub-{sub}"], bundle, [vols] if measure else None)
+    return rows[0]
+
+
+def _finish_dataset(writer, rows: Sequence[dict], bundle, measure: bool) -> None:
+    _, cols, units = samples_table([], [], bundle, [] if measure else None)
+    writer.table("participants.tsv", rows, cols, units)
+    writer.close()
+
+
 def write_samples(out_dir: str | Path, samples: Sequence[Sample], bundle, measure: bool = True,
                   on_step: OnStep | None = None) -> Path:
     """Write synthetic samples as a BIDS-like derivative dataset (through :mod:`synthbrain.export`):
     ``participants.tsv`` (requested conditions, seed, measured volumes) and
-    ``sub-synthNNNN/anat/sub-synthNNNN_space-<space>_res-<r>_desc-synthetic_T1w.nii.gz`` + sidecars."""
-    from synthbrain.export import DatasetWriter, generated_by
-
+    ``sub-synthNNNN/anat/sub-synthNNNN_space-<space>_res-<r>_desc-synthetic_T1w.nii.gz`` + sidecars.
+    participants.tsv and dataset_description.json are written last (and removed first), so an
+    interrupted write never looks like a complete dataset."""
     if any(s.provenance != SYNTHETIC for s in samples):
         raise ConfigError("write_samples writes synthetic samples only; edits of a scan are derived data")
     out = Path(out_dir)
-    writer = DatasetWriter(SYNTHETIC, "SynthBrain synthetic cohort", generated_by(bundle), folder=out)
-    subjects, measured = [], []
+    writer = _start_dataset(out, bundle)
+    rows = []
     for i, s in enumerate(samples):
-        sub = f"synth{i + 1:04d}"
-        vols, entry = measure_sample(s) if measure else (None, None)
-        writer.add(f"sub-{sub}/anat", sample_entities(bundle, sub), s.volume,
-                   sample_sidecar(s, bundle, {"Measured": entry} if measure else None))
-        subjects.append(f"sub-{sub}")
-        measured.append(vols if measure else None)
+        rows.append(_write_subject(writer, i, s, bundle, measure))
         if on_step is not None:
-            on_step(i + 1, len(samples), {"wrote": f"sub-{sub}"})
-    rows, cols, units = samples_table(samples, subjects, bundle, measured if measure else None)
-    writer.table("participants.tsv", rows, cols, units)
-    writer.close()
+            on_step(i + 1, len(samples), {"wrote": rows[-1]["participant_id"]})
+    _finish_dataset(writer, rows, bundle, measure)
     return out
+
+
+def shard(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range]:
+    """The subjects (indices into ``0..n-1``) rank ``rank`` of ``world_size`` samples, batch by batch:
+    every ``world_size``-th batch of ``batch_size`` consecutive subjects, from batch ``rank``. Whole
+    batches, not every K-th subject: each brain is then computed in the batch one process computes it
+    in (the same seeds beside it), so K ranks make the very brains one process makes."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"cannot shard: batch_size {batch_size}, rank {rank} of {world_size}")
+    return [range(b, min(n, b + batch_size)) for b in range(rank * batch_size, n, world_size * batch_size)]
+
+
+def sample_dataset(gen: Generator, out_dir: str | Path, conditions: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+                   | None = None, n: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                   measure: bool = True, on_step: OnStep | None = None, dist=None, batch_size: int = 4) -> dict:
+    """Sample ``n`` brains (sample ``i``: seed ``seed + i``; ``conditions`` one dict for all or ``n``) and
+    write them as one dataset in :func:`write_samples`' layout, a batch at a time (a large cohort is
+    never held in memory).
+
+    ``dist`` (the :class:`~synthbrain.training.loop.DistContext` of a torchrun job; default: one
+    process) shards the work: each rank samples its :func:`shard` of the subjects and writes their
+    volumes and sidecars into ``out_dir`` (a folder every rank sees); when every rank has finished, rank
+    0 alone writes participants.tsv (every rank's rows, gathered, in subject order) and
+    dataset_description.json. These are removed before any rank writes a subject, so a run with a
+    failed rank never leaves a folder that looks like a complete dataset. A rank may get no subject.
+
+    Returns ``{"subjects": this rank's count, "world_size", "seconds_per_brain"}`` (the mean over every
+    rank's brains of the sampling time per brain, from the gathered figures)."""
+    import torch
+
+    from synthbrain.training.loop import DistContext
+
+    dist = dist or DistContext()
+    if isinstance(conditions, Mapping) or conditions is None:
+        conditions = [dict(conditions or {})] * n
+    conditions = list(conditions)
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    if len(conditions) != n:
+        raise ConfigError(f"got {len(conditions)} condition sets for n = {n}")
+    steps, guidance = gen._steps_and_guidance(steps, guidance)  # refused here, before any file
+    device = gen.device if gen.device.type == "cuda" else torch.device("cpu")  # of the collectives
+    out = Path(out_dir)
+    writer = _start_dataset(out, gen.bundle, clear_index=dist.is_main)
+    dist.all_gather_json(None, device)  # no rank writes a subject before the old index is gone
+
+    batches = shard(n, batch_size, dist.rank, dist.world_size)
+    total = sum(steps + len(b) for b in batches)  # solver steps and subjects written
+    done, rows, seconds = 0, [], []
+    for b in batches:
+        base = done
+        part = gen.sample(conditions[b.start:b.stop], n=len(b), seed=seed + b.start, steps=steps, guidance=guidance,
+                          batch_size=batch_size, on_step=None if on_step is None else (
+                              lambda i, _n, info, base=base: on_step(base + i, total, info)))
+        done += steps
+        for i, s in zip(b, part):
+            rows.append([i, _write_subject(writer, i, s, gen.bundle, measure)])
+            seconds.append(s.seconds)
+            done += 1
+            if on_step is not None:
+                on_step(done, total, {"wrote": rows[-1][1]["participant_id"]})
+        del part  # the batch is on disk
+
+    parts = dist.all_gather_json({"rows": rows, "seconds": seconds}, device)  # every rank has finished here
+    every = sorted((r for p in parts for r in p["rows"]), key=lambda r: r[0])
+    if [i for i, _ in every] != list(range(n)):  # a bug, not a user error
+        raise RuntimeError(f"sharded sampling wrote subjects {[i for i, _ in every]}, expected 0..{n - 1}")
+    if dist.is_main:
+        _finish_dataset(writer, [row for _, row in every], gen.bundle, measure)
+    all_seconds = [t for p in parts for t in p["seconds"]]
+    return {"subjects": len(rows), "world_size": dist.world_size,
+            "seconds_per_brain": sum(all_seconds) / len(all_seconds)}

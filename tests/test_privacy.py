@@ -206,6 +206,24 @@ def test_a_release_killed_midway_resumes_to_the_same_dataset(released, tiny_bund
     assert not [k for k in b if ".tmp" in k]
 
 
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_the_release_one_process_writes(released, tiny_bundle, tiny_cohort, audit_cohort,
+                                                                 tmp_path):
+    """Rank r samples and audits subjects r, r + 2, ...; rank 0 writes the tables and the report from
+    every rank's records: byte for byte the release of one process."""
+    out = tmp_path / "cohort"
+    cmd = _release_cmd(tiny_bundle, tiny_cohort.root, audit_cohort.root, out)
+    assert cmd[1:3] == ["-m", "synthbrain"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        *("-n" if a == "--n" else a for a in cmd[1:])],  # torchrun reads --n as its own option
+                       env=subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("released ") == 1  # rank 0 alone speaks
+    a, b = _tree(released), _tree(out)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_the_attack_metrics_read_lower_scores_as_members():
     from synthbrain.privacy import attack_metrics
 

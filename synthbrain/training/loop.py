@@ -124,6 +124,24 @@ class DistContext:
         if self.enabled:
             torch.distributed.barrier()
 
+    def all_gather_json(self, obj: Any, device: torch.device) -> list:
+        """``obj`` (JSON-able) of every rank, in rank order; a collective, so every rank calls it. Sent as
+        UTF-8 JSON in uint8 tensors, never pickled (``device``: a GPU under nccl, the CPU under gloo)."""
+        from synthbrain.io import json_default
+
+        payload = json.dumps(obj, default=json_default).encode()
+        if not self.enabled:
+            return [json.loads(payload)]
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        torch.distributed.all_gather(sizes, size)
+        padded = torch.zeros(max(int(s) for s in sizes), dtype=torch.uint8, device=device)
+        padded[: data.numel()] = data
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, padded)
+        return [json.loads(p[: int(s)].cpu().numpy().tobytes()) for p, s in zip(parts, sizes)]
+
     def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """``module`` in DistributedDataParallel when there are several processes, else as it is."""
         if not self.enabled:
