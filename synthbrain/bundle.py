@@ -120,7 +120,8 @@ def _cohort_family(command: str) -> str:
     return " ".join(w for i, w in enumerate(words) if w != "--n" and (i == 0 or words[i - 1] != "--n"))
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object, or one-line :class:`BundleError`."""
     if not path.is_file():
         raise BundleError(f"{path.parent}: not a model bundle (no {path.name})")
     try:
@@ -137,7 +138,7 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: bundle folder not found")
-    cfg = _read_json(path / "config.json", "config.json")
+    cfg = read_json_object(path / "config.json", "config.json")
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format_version {version!r} is not supported (this synthbrain reads "
@@ -279,7 +280,7 @@ def load_bundle(path: str | Path | None = None, device: str = "cpu",
     if "autoencoder" in components and bundle.autoencoder is None:
         raise BundleError(f"{path}: bundle has no autoencoder")
     metrics_path = path / "metrics.json"
-    bundle.metrics = _read_json(metrics_path, "metrics.json") if metrics_path.is_file() else {}
+    bundle.metrics = read_json_object(metrics_path, "metrics.json") if metrics_path.is_file() else {}
     return bundle
 
 
@@ -344,7 +345,7 @@ def write_config(path: Path, config: dict) -> None:
     atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=False) + "\n")
     metrics_path = path / "metrics.json"
     if metrics_path.is_file():
-        metrics = _read_json(metrics_path, "metrics.json")
+        metrics = read_json_object(metrics_path, "metrics.json")
         stamp = _weights_stamp(config)
         kept = {k: v for k, v in metrics.items()
                 if isinstance(v, dict) and v.get("weights_sha256")
@@ -359,7 +360,7 @@ def update_metrics(path: str | Path, section: str, values: dict) -> dict:
 
     path = Path(path)
     p = path / "metrics.json"
-    metrics = _read_json(p, "metrics.json") if p.is_file() else {}
+    metrics = read_json_object(p, "metrics.json") if p.is_file() else {}
     stamp = _weights_stamp(read_config(path))
     used = ("autoencoder",) if section.startswith("autoencoder") else COMPONENTS
     metrics[section] = {**values, "weights_sha256": {c: stamp[c] for c in used if c in stamp}}

@@ -105,15 +105,11 @@ class ZooBundle:
 
 
 def _json(path: Path, root: Path) -> dict:
+    from synthbrain.bundle import read_json_object
+
     if not path.is_file():
         raise BundleError(f"{root}: not a MONAI model-zoo bundle (no {path.relative_to(root)})")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise BundleError(f"{path}: must be a JSON object")
-    return d
+    return read_json_object(path, path.name)
 
 
 def _section(inference: dict, key: str, targets: tuple[str, ...], where: Path) -> dict:
