@@ -14,7 +14,6 @@ so it is neither resumed from nor counted when old checkpoints are pruned).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from synthbrain.bundle import sha256_file
 from synthbrain.errors import SynthBrainError
 
 PREFIX = "step-"
@@ -130,14 +130,6 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
@@ -151,7 +143,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / FILES[0]))
         (tmp / FILES[1]).write_text(json.dumps(state, indent=1))
-        (tmp / CHECKSUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in FILES}, indent=1))
+        (tmp / CHECKSUMS).write_text(json.dumps({name: sha256_file(tmp / name) for name in FILES}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -195,7 +187,7 @@ def verify_checkpoint(path: Path) -> bool:
         raise CheckpointError(f"{path.name}: {CHECKSUMS} does not list {', '.join(FILES)}")
     for name in FILES:
         try:
-            got = _sha256(path / name)
+            got = sha256_file(path / name)
         except OSError as e:
             raise CheckpointError(f"{path.name}/{name}: cannot read ({e.strerror or e})") from None
         if got != want[name]:
