@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import platform
 import re
@@ -22,10 +23,15 @@ def machine() -> str:
 
 def write_section(name: str, command: str, body: str) -> None:
     """Replace (or append) the section ``name`` in results.md."""
-    text = RESULTS.read_text() if RESULTS.is_file() else HEADER
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"<!-- {name} -->\n## {name}\n\nCommand: `{command}`  \nMeasured {stamp} on {machine()}.\n\n"
                f"{body.strip()}\n<!-- /{name} -->\n")
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
+    # Read, replace and write under an exclusive lock, so two benchmarks finishing together both land.
+    with open(RESULTS.with_suffix(".md.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = RESULTS.read_text() if RESULTS.is_file() else HEADER
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+        tmp = RESULTS.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, RESULTS)
