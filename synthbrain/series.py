@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ OnStep = Callable[[int, int, dict], None]
 MODES = {"typical": "Typical for age and sex", "fixed": "Fixed", "sweep": "Sweep (start → end)",
          "switch": "Changes at an age"}
 MEASURED = (("brain_volume", "Brain volume"), ("ventricular_volume", "Ventricular volume"))
-MAX_FRAMES = 12
+MAX_FRAMES = 25                  # e.g. every 2 years from 40 to 88: enough for a smooth live age slider
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -222,6 +223,25 @@ class Trajectory:
         c = self.axis_condition
         return f"{c.label.lower()} {self.axis_values[i]:g} {c.unit}".strip()
 
+    def caption(self, i: int) -> str:
+        """What frame ``i`` is, in one line: the requested conditions and what was measured on it (mL)."""
+        frame = self.frames[i]
+        asked = ", ".join(f"{c.label.lower()} {frame.sample.conditions[c.name]:g} {c.unit}".strip()
+                          if c.kind == "continuous" else f"{c.label.lower()} {frame.sample.conditions[c.name]}"
+                          for c in self.bundle.schema)
+        m = frame.measured
+        got = (f"brain {m['brain_volume']:.0f} mL, ventricles {m['ventricular_volume']:.1f} mL" if m
+               else "n/a (" + (frame.measure_error or "not measured") + ")")
+        return f"Frame {i + 1} of {len(self.frames)}. Requested: {asked}. Measured: {got}."
+
+    @cached_property
+    def display_series(self) -> bytes:
+        """Every frame in one 4D gzip NIfTI for the viewer (frame ``t`` = ``frames[t]``), so the viewer
+        steps through the series in the browser (the live age slider) without a file per frame."""
+        from synthbrain.viz.display import display_series_bytes
+
+        return display_series_bytes([f.volume for f in self.frames], self.provenance)
+
     def requested(self, name: str) -> list[float] | None:
         if name not in self.bundle.schema.names:
             return None
@@ -298,7 +318,8 @@ class Trajectory:
     @property
     def nbytes(self) -> int:
         extra = self.source.data.nbytes + len(self.source_display) if self.source is not None else 0
-        return sum(f.volume.data.nbytes + len(f.display) for f in self.frames) + extra
+        shown = len(self.__dict__.get("display_series", b""))  # once the viewer has asked for it
+        return sum(f.volume.data.nbytes + len(f.display) for f in self.frames) + extra + shown
 
 
 def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]], *, axis: str, seed: int,

@@ -3,9 +3,11 @@ seed, what the series gives (frames measured, a zip), and bad plans refused with
 
 from __future__ import annotations
 
+import gzip
 import io
 import zipfile
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ def test_plan_follows_each_setting(schema_with_diagnosis):
 
 @pytest.mark.parametrize("call, message", [
     (lambda s, p: series.axis_values(60.0, 60.0, 3), "range must go up"),
-    (lambda s, p: series.axis_values(40.0, 60.0, 1), "2..12 frames"),
+    (lambda s, p: series.axis_values(40.0, 60.0, 1), "2..25 frames"),
     (lambda s, p: series.Setting("sweep", 1.0), "end value"),
     (lambda s, p: series.Setting("wobble", 1.0), "mode must be"),
     (lambda s, p: series.Setting("switch", "CN", "AD"), "axis value 'at'"),
@@ -102,3 +104,10 @@ def test_one_seed_through_age_is_the_samples_of_that_seed(gen):
     assert traj.label(0) == "age 55 years" and traj.subject == "sub-synthseed7"
     with zipfile.ZipFile(io.BytesIO(traj.zip())) as z:
         assert len([n for n in z.namelist() if n.endswith(".nii.gz")]) == 3
+    # the viewer's copy of the whole series (the live age slider): one 4D file, frame t = frame t
+    shown = nib.Nifti1Image.from_bytes(gzip.decompress(traj.display_series))
+    assert shown.shape == (*gen.grid.shape, 3) and b"SYNTHETIC" in shown.header["descrip"].tobytes()
+    np.testing.assert_allclose(shown.affine, gen.grid.affine)
+    for t, f in enumerate(traj.frames):
+        np.testing.assert_allclose(np.asarray(shown.dataobj[..., t]), f.volume.data, atol=1e-4)
+    assert traj.caption(1).startswith("Frame 2 of 3. Requested: age 70 years")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,16 +36,35 @@ def display_nifti_bytes(volume: Volume, description: str = "SynthBrain display c
     The slope is max|data| / 32767, so values keep 4-5 significant digits; an all-zero volume gets
     slope 1. Signed data (a difference map) stay signed.
     """
-    data = np.asarray(volume.data, dtype=np.float32)
+    return _int16_nifti(np.asarray(volume.data, dtype=np.float32), volume.affine, description,
+                        volume.source or "volume")
+
+
+def display_series_nifti_bytes(volumes: Sequence[Volume], description: str = "SynthBrain display series") -> bytes:
+    """Volumes on one grid as one 4D gzip NIfTI-1 (X, Y, Z, T), frame ``t`` = ``volumes[t]``, with one
+    scl_slope for all frames (as :func:`display_nifti_bytes`), so a viewer can step through them
+    (NiiVue's 4D frames) without loading a file per frame."""
+    if not volumes:
+        raise InvalidVolumeError("a display series needs at least one volume")
+    first = volumes[0]
+    for v in volumes[1:]:
+        if v.shape != first.shape or not np.allclose(v.affine, first.affine):
+            raise InvalidVolumeError(f"{v.source or 'volume'}: every frame of a series must lie on one grid; "
+                                     f"got {v.shape} against {first.shape}")
+    data = np.stack([np.asarray(v.data, dtype=np.float32) for v in volumes], axis=-1)  # (X, Y, Z, T)
+    return _int16_nifti(data, first.affine, description, first.source or "series")
+
+
+def _int16_nifti(data: np.ndarray, affine: np.ndarray, description: str, name: str) -> bytes:
     bad = data.size - int(np.count_nonzero(np.isfinite(data)))
     if bad:
-        raise InvalidVolumeError(f"{volume.source or 'volume'}: {bad} voxels are NaN or infinite; cannot display")
+        raise InvalidVolumeError(f"{name}: {bad} voxels are NaN or infinite; cannot display")
     peak = float(np.abs(data).max()) if data.size else 0.0
     slope = peak / INT16_MAX if peak > 0 else 1.0
     q = np.clip(np.rint(data / slope), -INT16_MAX, INT16_MAX).astype(np.int16)
-    img = nib.Nifti1Image(q, volume.affine)
-    img.set_sform(volume.affine, code=4)
-    img.set_qform(volume.affine, code=4)
+    img = nib.Nifti1Image(q, affine)
+    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=4)
     img.header.set_slope_inter(slope, 0.0)
     img.header.set_xyzt_units(xyz="mm")
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
@@ -58,6 +78,14 @@ def display_bytes(volume: Volume, provenance: str) -> bytes:
     from synthbrain.export import kind
 
     return display_nifti_bytes(volume, f"SynthBrain {kind(provenance).name.upper()} T1w (display)")
+
+
+def display_series_bytes(volumes: Sequence[Volume], provenance: str) -> bytes:
+    """The viewer's copy of a series (:func:`display_series_nifti_bytes`: one 4D file, a frame per
+    volume), its header saying what kind it is, as :func:`display_bytes`."""
+    from synthbrain.export import kind
+
+    return display_series_nifti_bytes(volumes, f"SynthBrain {kind(provenance).name.upper()} T1w series (display)")
 
 
 def difference_window(difference: np.ndarray, reference: np.ndarray, share: float = 0.05,
