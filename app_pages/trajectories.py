@@ -18,9 +18,7 @@ from synthbrain.sampling import guidance_warning
 
 RESULT = "traj_result"           # this session's latest Trajectory
 RESULT_FOR = "traj_result_for"   # what it started from: "seed" or the scan's key
-FRAME = "traj_frame"             # index of the frame shown
-PLAY = "traj_play"
-PLAY_SECONDS = 1.2               # per frame while playing (the viewer reloads one volume per frame)
+PLAY_SECONDS = 0.5               # per frame while the viewer plays the series
 STARTS = {"seed": "A seed: a new synthetic brain", "scan": "A real scan: edit it, keeping the subject"}
 
 bundle = common.sampling_page("Trajectories: one brain through age", "cannot generate a series.")
@@ -42,7 +40,7 @@ started_from = "seed" if start == "seed" else scan.key if scan is not None else 
 
 
 def forget_series() -> None:
-    for name in (RESULT, RESULT_FOR, FRAME, PLAY):
+    for name in (RESULT, RESULT_FOR):
         st.session_state.pop(name, None)
 
 
@@ -56,7 +54,9 @@ with st.sidebar:
     low, high = st.slider(f"{ax_label} range", float(ax.low), float(ax.high), step=common.condition_step(ax),
                           value=(float(round(ax.low + 0.1 * span)), float(round(ax.high - 0.1 * span))),
                           format="%.0f" if common.condition_step(ax) >= 1 else "%.1f", key="traj_range")
-    k = st.slider("Frames", 2, series.MAX_FRAMES, 5, key="traj_k", help="Evenly spaced over the range.")
+    k = st.slider("Frames", 2, series.MAX_FRAMES, 5, key="traj_k",
+                  help="Evenly spaced over the range; the viewer's slider steps through them live. "
+                       "More frames: smoother ageing, longer to make.")
     st.header("Other conditions")
     settings: dict[str, series.Setting] = {}
     for c in schema:
@@ -117,8 +117,6 @@ if go:
         result = jobs.run(lambda on_step: job(on_step=on_step), f"Series of {len(conditions)}:")
         st.session_state[RESULT] = result
         st.session_state[RESULT_FOR] = started_from
-        st.session_state[FRAME] = 0
-        st.session_state[PLAY] = False
     except SynthBrainError as e:
         forget_series()  # the message replaces the old series, not sits above it
         common.show_error(e)
@@ -135,34 +133,17 @@ how = (f"edits of **{traj.source_label}** at strength {traj.strength:g}" if traj
        else f"one seed (**{traj.seed}**) at every frame")
 st.subheader(f"{n} frames, {traj.label(0)} to {traj.label(n - 1)}")
 st.markdown(f"{how} · {traj.steps} steps · guidance {traj.guidance:g}")
-if st.session_state.get(FRAME, 0) >= n:
-    st.session_state[FRAME] = 0
-st.toggle("Play", key=PLAY, help="Step through the frames, one every ~1 s.")
-
-
-@st.fragment(run_every=PLAY_SECONDS if st.session_state.get(PLAY) else None)
-def frame_view(traj: series.Trajectory) -> None:
-    """The frame slider and the viewer; playing reruns only this part, not the whole page."""
-    if st.session_state.get(PLAY):
-        st.session_state[FRAME] = (st.session_state.get(FRAME, 0) + 1) % len(traj.frames)
-    i = st.select_slider("Frame", options=list(range(len(traj.frames))), format_func=traj.label, key=FRAME)
-    frame = traj.frames[i]
-    # constant panel titles: the viewer keeps its canvases (and crosshair) and only swaps the volume
-    title = "Derived T1w (an edit of a person's scan)" if traj.is_edit else "Synthetic T1w (not a person)"
-    panels = [Panel(title, layers=(base_layer(frame.display, f"{traj.stem(i)}.nii.gz"),))]
-    if traj.is_edit:
-        source = base_layer(traj.source_display, "source.nii.gz")
-        panels.insert(0, Panel("Source scan (real, preprocessed)", layers=(source,)))
-    viewer(panels, key="traj_viewer", sync=True, height=380)
-    asked = ", ".join(f"{c.label.lower()} {frame.sample.conditions[c.name]:g} {c.unit}".strip()
-                      if c.kind == "continuous" else f"{c.label.lower()} {frame.sample.conditions[c.name]}"
-                      for c in schema)
-    got = (f"brain {frame.measured['brain_volume']:.0f} mL, ventricles {frame.measured['ventricular_volume']:.1f} mL"
-           if frame.measured else "n/a (" + (frame.measure_error or "not measured") + ")")
-    st.caption(f"Frame {i + 1} of {len(traj.frames)}. Requested: {asked}. Measured: {got}.")
-
-
-frame_view(traj)
+# Live ageing: the whole series goes to the browser once (one 4D file) and the viewer's own age slider
+# steps through it while dragged (no rerun, no reload: the canvases, crosshair and window stay)
+title = "Derived T1w (an edit of a person's scan)" if traj.is_edit else "Synthetic T1w (not a person)"
+panels = [Panel(title, layers=(base_layer(traj.display_series, f"{traj.stem(0)}_series.nii.gz"),))]
+if traj.is_edit:
+    source = base_layer(traj.source_display, "source.nii.gz")
+    panels.insert(0, Panel("Source scan (real, preprocessed)", layers=(source,)))
+viewer(panels, key="traj_viewer", sync=True, height=380, frames=[traj.caption(i) for i in range(n)],
+       frame_name=ax.label, frame_seconds=PLAY_SECONDS)
+st.caption(f"Drag the {ax.label.lower()} slider above the viewer to watch this brain change frame by frame, or press "
+           "Play: every frame is already in your browser.")
 
 st.markdown("**Measured volumes along the series**")
 st.plotly_chart(traj.figure(), key="traj_chart")

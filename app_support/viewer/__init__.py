@@ -10,6 +10,33 @@ orientation labels and a neurological / radiological switch.
 NiiVue is not copied into this repository: the frontend loads the ``niivue.umd.js`` that the
 installed nilearn package ships (``nilearn/_assets/js``), which Streamlit serves as a second,
 never-rendered component folder. Everything works offline.
+
+State, and new data without a remount (how a page updates the brain it shows)
+---------------------------------------------------------------------------
+* ``key`` is the viewer's identity. Streamlit keeps a keyed component's iframe across reruns (its
+  identity is the key, not its arguments), so calling ``viewer(...)`` again with the same ``key`` and
+  NEW ``Layer.data`` (a new sample, another frame, a live-aged brain) sends a render message to the
+  same, already drawn canvases: the frontend swaps only the panels whose files changed (content hash)
+  and keeps everything the user set. Equal files are not even re-sent to the browser's NiiVue.
+* What the user set is the viewer's state: view mode, radiological / neurological, crosshair (mm),
+  window/level (once the user moved it), 2D zoom/pan, 3D angle and zoom, clip plane, overlay
+  visibility and opacity. The frontend keeps it per ``key`` in memory and in the tab's
+  ``sessionStorage`` (so a viewer remounted after another page, or a reload, comes back as it was),
+  mirrors it in the iframe's ``body[data-state]`` (JSON, for tests), and sends it back with a click
+  report (``report=True``: ``{..., "state": {...}}``); it never reruns the script on its own.
+* The canvases are rebuilt (state still kept) only when the layout changes: the number of panels, a
+  panel's title, flex, view or kind (slices / 3D only), ``height`` or ``sync``. So keep titles
+  constant while the data change (say what changes in a caption, not the title).
+* Streamlit remounts an element whose position in its block changes: keep the elements before a
+  viewer the same on every run (a progress bar drawn only while a job runs shifts it; draw it in a
+  placeholder that is always there, e.g. ``st.empty()`` made on every run).
+* Session preferences: ``radiological=None`` (the default) takes the session's choice, the sidebar
+  toggle made by :func:`preferences` (``st.session_state[RADIOLOGICAL]``); a change of it applies to
+  every viewer, the viewer's own checkbox overrides it for that viewer.
+* The toolbar also has: a PNG screenshot of what is shown (``screenshot`` names the file; say the
+  kind in it), a 3D clip plane (axial / coronal / sagittal, depth), and for overlays (layers after
+  the first): a show/hide box per overlay label and an opacity slider, and NiiVue colour bars with the
+  overlay's ``colorbar`` text (what, in which units) beneath.
 """
 
 from __future__ import annotations
@@ -59,6 +86,7 @@ class Layer:
     cal_max: float | None = None
     colormap_negative: str = ""
     colorbar: str = ""               # an overlay's colour bar, drawn when set; says what it shows, with units
+    visible: bool = True             # an overlay shown at first (the toolbar's box toggles it)
 
 
 @dataclass(frozen=True)
@@ -90,7 +118,8 @@ class Panel:
 
 
 def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420, radiological: bool = False,
-                report: bool = False) -> tuple[dict, dict[str, bytes]]:
+                report: bool = False, frames: Sequence[str] = (), frame_name: str = "Frame",
+                frame_seconds: float = 0.5) -> tuple[dict, dict[str, bytes]]:
     """The component's JSON spec and its binary arguments (each distinct file sent once)."""
     blobs: dict[str, bytes] = {}
     ids: dict[str, str] = {}
@@ -110,7 +139,8 @@ def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420
             layers.append({"data": key, "id": digest, "name": layer.name, "label": layer.label,
                            "colormap": layer.colormap, "opacity": float(layer.opacity),
                            "cal_min": layer.cal_min, "cal_max": layer.cal_max,
-                           "colormap_negative": layer.colormap_negative, "colorbar": layer.colorbar})
+                           "colormap_negative": layer.colormap_negative, "colorbar": layer.colorbar,
+                           "visible": bool(layer.visible)})
         surfaces = []
         for s in p.surfaces:
             key, digest = ref(s.data)
@@ -120,16 +150,24 @@ def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420
                     "layers": layers, "surfaces": surfaces})
     spec = {"lib": _niivue_lib.name, "height": int(height), "sync": bool(sync), "radiological": bool(radiological),
             "report": bool(report), "panels": out}
+    if frames:
+        spec["frames"] = {"name": frame_name, "labels": [str(x) for x in frames], "seconds": float(frame_seconds)}
     return spec, blobs
 
 
 def viewer(panels: Sequence[Panel], *, key: str, sync: bool = True, height: int = 420, radiological: bool = False,
-           report: bool = False) -> dict[str, Any] | None:
+           report: bool = False, frames: Sequence[str] = (), frame_name: str = "Frame",
+           frame_seconds: float = 0.5) -> dict[str, Any] | None:
     """Draw ``panels`` side by side; with ``sync`` their crosshairs, slices and 3D angles move together.
 
     With ``report`` a click sends ``{panel, mm, voxel, value}`` back (and reruns the script);
     without it (the default) the viewer never triggers a rerun.
+
+    ``frames``: one label per frame of the 4D layers (``synthbrain.viz.display.display_series_bytes``);
+    the viewer gets a ``frame_name`` slider and a play button (``frame_seconds`` a frame) that step
+    every 4D layer in the browser, live while dragged, without a rerun or a reload.
     """
-    spec, blobs = viewer_spec(panels, sync=sync, height=height, radiological=radiological, report=report)
+    spec, blobs = viewer_spec(panels, sync=sync, height=height, radiological=radiological, report=report,
+                              frames=frames, frame_name=frame_name, frame_seconds=frame_seconds)
     json.dumps(spec)  # fail here, not in the browser, on a value JSON cannot carry
     return _viewer(spec=spec, key=key, default=None, **blobs)

@@ -1,5 +1,5 @@
 """The Trajectories page under AppTest (widgets from the schema, a tiny series from one seed and from
-a scan, the frame slider and play control, the chart, the downloads) and the viz parts it is built
+a scan, the series the viewer steps through, the chart, the downloads) and the viz parts it is built
 from (the GIF and strip makers, the chart figure). The series plan is tested in tests/test_series.py."""
 
 from __future__ import annotations
@@ -90,13 +90,17 @@ def test_a_series_from_one_seed(bundle, generator, media):
         direct = generator.sample(typical[i], n=1, seed=4, steps=2)[0]
         np.testing.assert_allclose(traj.frames[i].volume.data, direct.volume.data, atol=1e-5)
 
-    # the viewer shows the frame the slider picks
+    # live ageing: the viewer holds the whole series (frame t of its 4D volume = frame t) and labels
+    # every frame, so its own slider steps through them in the browser
     (call,) = viewer_calls(at)
     assert len(call.panels) == 1
-    np.testing.assert_allclose(nifti_array(call.volume(0)), traj.frames[0].volume.data, atol=1e-4)
-    at.select_slider(key="traj_frame").set_value(2).run()
-    np.testing.assert_allclose(nifti_array(viewer_calls(at)[0].volume(0)), traj.frames[2].volume.data, atol=1e-4)
-    assert "Frame 3 of 3" in texts(at)
+    shown = nifti_array(call.volume(0))
+    assert shown.shape == (*bundle.grid.shape, 3)
+    for t in range(3):
+        np.testing.assert_allclose(shown[..., t], traj.frames[t].volume.data, atol=1e-4)
+    frames = call.spec["frames"]
+    assert frames["name"] == "Age" and len(frames["labels"]) == 3
+    assert frames["labels"][2].startswith("Frame 3 of 3. Requested: age 70 years")
 
     # the chart: measured (gaps where a frame could not be measured) against the requested values
     lines = chart(at)
@@ -141,20 +145,6 @@ def test_the_series_zip_holds_every_frame_with_its_sidecar(bundle):
     assert sessions[0].split("\t")[:2] == ["session_id", "age"] and len(sessions) == 4
 
 
-def test_play_steps_through_the_frames():
-    at = run_series(open_page("trajectories"), k=3, steps=2)
-    traj = at.session_state["traj_result"]
-    assert at.select_slider(key="traj_frame").value == 0
-    at.toggle(key="traj_play").set_value(True).run()
-    assert at.select_slider(key="traj_frame").value == 1
-    np.testing.assert_allclose(nifti_array(viewer_calls(at)[0].volume(0)), traj.frames[1].volume.data, atol=1e-4)
-    at.run()
-    at.run()
-    assert at.select_slider(key="traj_frame").value == 0  # wraps round
-    at.toggle(key="traj_play").set_value(False).run()
-    assert at.select_slider(key="traj_frame").value == 0
-
-
 def test_a_swept_volume_is_requested_frame_by_frame():
     at = open_page("trajectories")
     at.sidebar.selectbox(key="traj_mode_ventricular_volume").set_value("sweep").run()
@@ -191,7 +181,7 @@ def test_an_edited_scan_keeps_its_source_beside_each_frame(bundle, generator):
     (call,) = viewer_calls(at)
     assert call.spec["sync"] is True and len(call.panels) == 2
     np.testing.assert_allclose(nifti_array(call.volume(0)), source.data, atol=1e-4)
-    np.testing.assert_allclose(nifti_array(call.volume(1)), traj.frames[0].volume.data, atol=1e-4)
+    np.testing.assert_allclose(nifti_array(call.volume(1))[..., 1], traj.frames[1].volume.data, atol=1e-4)
     assert "edits of **MNI152 template** at strength 0.4" in texts(at)
     assert traj.sidecar(0)["Series"]["Strength"] == 0.4
 

@@ -1,5 +1,6 @@
 """End to end: Trajectories and Learn in a real Chromium against a real server. A series is drawn,
-the crosshair stays put when the frame changes, play moves the frames on; Learn's pictures appear."""
+the live age slider steps the same viewer through it (the crosshair stays put), play moves the frames
+on; Learn's pictures appear."""
 
 from __future__ import annotations
 
@@ -8,12 +9,39 @@ import json
 import numpy as np
 import pytest
 
-from .e2e_helpers import canvas_pixels, is_drawn, open_app_page, until, viewer_frame, wait_drawn, wait_for_script
+from .e2e_helpers import (
+    VIEWER_FRAME,
+    canvas_pixels,
+    is_drawn,
+    open_app_page,
+    until,
+    viewer_frame,
+    wait_drawn,
+    wait_for_script,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
+def drag_frames(page, slider, frame, n: int) -> list[int]:
+    """Drag the viewer's frame slider from its left end to its right end, as a hand does, waiting at
+    each position until the viewer has drawn the frame there; returns the frames drawn, in order."""
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + 2, y)
+    page.mouse.down()
+    seen = []
+    for k in range(n):
+        page.mouse.move(box["x"] + 2 + (box["width"] - 4) * k / (n - 1), y, steps=2)
+        frame.wait_for_function("k => document.body.dataset.frame === String(k)", arg=k)
+        seen.append(int(frame.evaluate("() => document.body.dataset.frame")))
+    page.mouse.up()
+    return seen
+
+
+def test_live_age_slider_steps_the_same_viewer_through_the_series(page, server):
+    """The age slider in the viewer shows every frame while it is dragged, in the same viewer element
+    (no rerun, no remount: the crosshair stays where it was put), and Play moves on by itself."""
     open_app_page(page, server.url, "/trajectories")
     page.get_by_role("button", name="Generate the series").click()
     page.get_by_text("Measured volumes along the series").wait_for(timeout=120_000)
@@ -21,8 +49,8 @@ def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
     frame = viewer_frame(page)
     canvas = frame.locator('canvas[data-panel="0"]')
     wait_drawn(canvas, "trajectory viewer")
-    page.screenshot(path="/tmp/synthbrain-e2e-trajectories.png")
     assert page.locator('[data-testid="stImage"] img').count() == 1  # the GIF preview
+    inner = page.locator(VIEWER_FRAME).first.element_handle().content_frame()
 
     box = canvas.bounding_box()
     readout = frame.locator('[data-readout="0"]')
@@ -30,23 +58,28 @@ def test_trajectory_series_keeps_the_crosshair_across_frames(page, server):
     page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.3)
     until(lambda: readout.get_attribute("data-mm") != centre, "the crosshair moves to the click")
     before = np.array(json.loads(readout.get_attribute("data-mm")))
-    frame_1 = canvas_pixels(canvas)
-    assert "Frame 1 of 5" in page.inner_text("body")
-    thumb = page.locator('[data-testid="stSlider"]').filter(has_text="age 45 years").locator("input[type=range]")
-    thumb.focus()
-    thumb.press("ArrowRight")
-    page.get_by_text("Frame 2 of 5").wait_for()
-    wait_for_script(page)
-    frame.locator('body[data-ready="1"]').wait_for()
-    # the condition: the older brain is on screen (its slices differ from frame 1's)
-    until(lambda: (lambda p: is_drawn(p) and np.abs(p.astype(int) - frame_1).mean() > 0.5)(canvas_pixels(canvas)),
-          "frame 2 is drawn")
-    np.testing.assert_allclose(np.array(json.loads(readout.get_attribute("data-mm"))), before, atol=1e-3)
+    label = frame.locator('#frames [data-value="frame"]')
+    assert label.inner_text().startswith("Frame 1 of 5. Requested: age 45 years")
+    first = canvas_pixels(canvas)
+    # the elements as they are now: a remounted component or rebuilt canvas would not be these
+    inner.evaluate("() => { window.keep = document.querySelector('canvas[data-panel=\"0\"]'); }")
+    drawn = int(inner.evaluate("() => document.body.dataset.framesDrawn"))
 
-    page.get_by_text("Play", exact=True).click()
-    page.get_by_text("Frame 4 of 5").wait_for(timeout=30_000)  # moves on by itself
-    page.get_by_text("Play", exact=True).click()
-    wait_for_script(page)
+    slider = frame.locator('#frames input[data-control="frame"]')
+    assert drag_frames(page, slider, inner, 5) == [0, 1, 2, 3, 4]
+    assert label.inner_text().startswith("Frame 5 of 5. Requested: age 85 years")
+    until(lambda: (lambda p: is_drawn(p) and np.abs(p.astype(int) - first).mean() > 0.5)(canvas_pixels(canvas)),
+          "the last frame (an older brain) is on screen")
+    assert int(inner.evaluate("() => document.body.dataset.framesDrawn")) >= drawn + 4
+    assert inner.evaluate("() => window.keep === document.querySelector('canvas[data-panel=\"0\"]')")
+    np.testing.assert_allclose(np.array(json.loads(readout.get_attribute("data-mm"))), before, atol=1e-3)
+    page.screenshot(path="/tmp/synthbrain-e2e-trajectories.png")
+
+    frame.get_by_role("button", name="Play").click()
+    inner.wait_for_function("() => document.body.dataset.frame === '0'", timeout=30_000)  # moves on, wraps round
+    inner.wait_for_function("() => document.body.dataset.frame === '1'", timeout=30_000)
+    frame.get_by_role("button", name="Pause").click()
+    assert inner.evaluate("() => window.keep === document.querySelector('canvas[data-panel=\"0\"]')")
 
 
 def test_learn_shows_the_live_models_pictures(page, server):

@@ -4,7 +4,7 @@
 // nilearn package ships (served by Streamlit as a second component folder, named in spec.lib).
 // This file speaks Streamlit's component protocol directly (postMessage), so it needs no build.
 //
-// spec (JSON) = {lib, height, sync, radiological, report, panels: [{title, view, flex, show_render,
+// spec (JSON) = {lib, height, sync, radiological, report, frames, panels: [{title, view, flex, show_render,
 //   layers: [{data, id, name, label, colormap, opacity, cal_min, cal_max, colormap_negative, colorbar}],
 //   surfaces: [{data, id, name, rgba, opacity}]}]}; "data" names a bytes argument of the render
 //   message (gzip NIfTI for layers, MZ3 for surfaces), "id" is its content hash.
@@ -275,6 +275,70 @@ function wireEvents(spec) {
   for (const nv of nvs) nv.broadcastTo(spec.sync ? nvs.filter((o) => o !== nv) : [], { "2d": true, "3d": true });
 }
 
+// ------------------------------------------------------------------------------ frames (live)
+// spec.frames = {name, labels, seconds}: every 4D layer holds one frame per label (a series through
+// age). The slider steps all of them in the browser (NiiVue's setFrame4D re-uploads one texture), so
+// dragging it shows each frame at once: no Streamlit rerun, no reload, the canvases and the crosshair,
+// view and window/level stay. body[data-frame] is the frame on screen and body[data-frames-drawn]
+// counts frames drawn (the benchmark's frames-per-second and the browser test read them).
+
+const live = { key: null, index: 0, timer: null, drawn: 0 };
+
+function showFrame(i) {
+  const f = state.spec && state.spec.frames;
+  if (!f) return;
+  i = Math.max(0, Math.min(f.labels.length - 1, i | 0));
+  live.index = i;
+  for (const p of state.panels) {
+    for (const v of p.nv.volumes) if (v.nFrame4D > 1) p.nv.setFrame4D(v.id, i);
+  }
+  const bar = document.getElementById("frames");
+  bar.querySelector("[data-control=frame]").value = String(i);
+  bar.querySelector("[data-value=frame]").textContent = f.labels[i];
+  requestAnimationFrame(() => {
+    live.drawn += 1;
+    document.body.dataset.frame = String(i);
+    document.body.dataset.framesDrawn = String(live.drawn);
+  });
+}
+
+function play(on) {
+  const btn = document.querySelector("[data-control=play]");
+  clearInterval(live.timer);
+  live.timer = null;
+  if (on) {
+    const n = state.spec.frames.labels.length;
+    live.timer = setInterval(() => showFrame((live.index + 1) % n), 1000 * (state.spec.frames.seconds || 0.5));
+  }
+  if (btn) { btn.textContent = on ? "Pause" : "Play"; btn.setAttribute("aria-pressed", on ? "true" : "false"); }
+}
+
+function setupFrames(spec) {
+  let bar = document.getElementById("frames");
+  if (!bar) {
+    bar = el("div", { id: "frames" });
+    document.getElementById("panels").before(bar);
+  }
+  const f = spec.frames;
+  bar.hidden = !f;
+  if (!f) { play(false); bar.innerHTML = ""; live.key = null; return; }
+  const key = JSON.stringify([f.name, f.labels]);
+  if (key !== live.key) {  // a new series: start at its first frame; the same one keeps its place
+    play(false);
+    live.key = key;
+    live.index = 0;
+    bar.innerHTML = "";
+    const slider = el("input", { type: "range", min: "0", max: String(f.labels.length - 1), step: "1", value: "0",
+                                 "data-control": "frame", "aria-label": f.name || "frame" });
+    slider.addEventListener("input", () => { play(false); showFrame(parseInt(slider.value, 10)); });
+    const btn = el("button", { type: "button", text: "Play", "data-control": "play", "aria-pressed": "false" });
+    btn.addEventListener("click", () => play(!live.timer));
+    bar.append(el("span", { class: "fname", text: f.name || "Frame" }), slider, btn,
+               el("span", { class: "value", "data-value": "frame", text: f.labels[0] }));
+  }
+  showFrame(live.index);
+}
+
 // ------------------------------------------------------------------------------------- render
 
 async function render(args) {
@@ -314,6 +378,8 @@ async function render(args) {
     }
   }
   wireEvents(spec);
+  state.spec = spec;
+  setupFrames(spec);
   if (reloaded || !state.window) {
     const base = state.panels.find((p) => p.nv.volumes.length)?.nv.volumes[0];
     if (base) {
