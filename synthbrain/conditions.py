@@ -6,14 +6,18 @@ saved in every model bundle, so a bundle knows its own sliders, units and ranges
 
 The default schema (``DEFAULT_SCHEMA``) is the KCL Synthetic Brain Project's: age (years), sex (F/M),
 ventricular volume (mL) and brain volume (mL). Extra columns of a ``participants.tsv`` (diagnosis,
-site, ...) are added with :meth:`ConditionSchema.with_extra_columns`.
+site, ...) are added with :meth:`ConditionSchema.with_extra_columns`, or a cohort declares its own
+conditions in a schema file (:func:`read_schema_file`; checked against its data by
+:func:`synthbrain.data.bids.schema_for_dataset`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -31,7 +35,9 @@ NULL_VALUE = -1.0
 @dataclass(frozen=True)
 class Condition:
     """One condition. ``low``/``high`` bound a continuous value (inclusive, in ``unit``);
-    ``categories`` lists the allowed labels of a binary (exactly two) or categorical condition."""
+    ``categories`` lists the allowed labels of a binary (exactly two) or categorical condition;
+    ``codes`` maps values a table holds to them (``(("1", "M"), ("2", "F"))``), and where a condition has
+    codes, nothing else is read as an index into the labels."""
 
     name: str
     label: str
@@ -42,6 +48,7 @@ class Condition:
     categories: tuple[str, ...] = ()
     default: float | str | None = None
     description: str = ""
+    codes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.name, str) and self.name.isidentifier()):
@@ -62,10 +69,18 @@ class Condition:
                 raise ConditionError(f"condition {self.name!r}: categorical needs >= 2 categories, got {cats}")
             if len(set(cats)) != len(cats):
                 raise ConditionError(f"condition {self.name!r}: duplicate categories {cats}")
+            codes = tuple((str(k).strip(), str(v)) for k, v in self.codes)
+            object.__setattr__(self, "codes", codes)
+            bad = [v for _, v in codes if v not in cats]
+            if bad:
+                raise ConditionError(f"condition {self.name!r}: code(s) map to {bad[0]!r}, which is not one of "
+                                     f"its levels {', '.join(cats)}")
             if self.default is None:
                 object.__setattr__(self, "default", cats[0])
         else:
             raise ConditionError(f"condition {self.name!r}: kind must be continuous, binary or categorical")
+        if self.codes and self.kind == "continuous":
+            raise ConditionError(f"condition {self.name!r}: codes are for binary or categorical conditions")
         self.validate(self.default)
 
     @property
@@ -79,8 +94,9 @@ class Condition:
             return f"{self.low:g}..{self.high:g} {self.unit}".rstrip()
         return "one of " + ", ".join(self.categories)
 
-    def validate(self, value: Any) -> float | str:
-        """Parse ``value`` into this condition's type, or raise ``ConditionError`` naming the valid range."""
+    def validate(self, value: Any, strict: bool = False) -> float | str:
+        """Parse ``value`` into this condition's type, or raise ``ConditionError`` naming the valid range.
+        ``strict``: a label must be one of the levels (or a code, or a sex alias), never an index."""
         if self.kind == "continuous":
             try:
                 v = float(value)
@@ -92,9 +108,14 @@ class Condition:
                 raise ConditionError(f"{self.name} = {value} is out of range; valid range is {self.range_text}")
             return v
         text = str(value).strip()
+        if self.codes:
+            text = dict(self.codes).get(text, text)
         if self.name == "sex" and self.categories == ("F", "M"):
             text = _SEX_ALIASES.get(text.lower(), text)
         if text not in self.categories:
+            if self.codes or strict:
+                codes = f" (or a code: {', '.join(f'{k} = {v}' for k, v in self.codes)})" if self.codes else ""
+                raise ConditionError(f"{self.name} = {value!r} is not valid; expected {self.range_text}{codes}")
             # numeric codes (e.g. 0/1 from a TSV) index the categories
             try:
                 idx = float(text)
@@ -135,6 +156,8 @@ class Condition:
             d.update(low=self.low, high=self.high)
         else:
             d["categories"] = list(self.categories)
+            if self.codes:  # only where there are any: a bundle without codes keeps its config as it was
+                d["codes"] = dict(self.codes)
         return d
 
     @classmethod
@@ -142,9 +165,19 @@ class Condition:
         try:
             return cls(name=d["name"], label=d.get("label", d["name"]), unit=d.get("unit", ""), kind=d["kind"],
                        low=d.get("low"), high=d.get("high"), categories=tuple(d.get("categories", ())),
-                       default=d.get("default"), description=d.get("description", ""))
+                       default=d.get("default"), description=d.get("description", ""),
+                       codes=_codes(d.get("codes"), d["name"]))
         except KeyError as e:
             raise ConditionError(f"condition entry {dict(d)!r} lacks {e.args[0]!r}") from None
+
+
+def _codes(raw: Any, name: Any) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        raise ConditionError(f"condition {name!r}: codes must map values to labels, "
+                             "e.g. {\"1\": \"M\", \"2\": \"F\"}")
+    return tuple((str(k), v) for k, v in raw.items())
 
 
 @dataclass(frozen=True)
@@ -268,3 +301,92 @@ DEFAULT_SCHEMA = ConditionSchema((
     Condition("brain_volume", "Brain volume", "mL", "continuous", low=700.0, high=1700.0, default=1150.0,
               description="grey + white matter"),
 ))
+
+
+# ------------------------------------------------------------------------------ schema files
+
+KINDS = ("continuous", "binary", "categorical")
+_DECLARED_KEYS = {"name", "kind", "unit", "range", "levels", "codes", "label", "default", "description"}
+
+
+def schema_from_declaration(declared: Any, source: str = "schema") -> ConditionSchema:
+    """A cohort's conditions as its schema file declares them (``source`` names the file in messages)::
+
+        {"conditions": [
+          {"name": "age", "kind": "continuous", "unit": "years", "range": [18, 90]},
+          {"name": "sex", "kind": "binary", "levels": ["F", "M"], "codes": {"1": "M", "2": "F"}},
+          {"name": "diagnosis", "kind": "categorical", "levels": ["CN", "MCI", "AD"]}]}
+
+    Each entry's ``name`` is its ``participants.tsv`` column (a Python identifier); ``unit`` is
+    required for a continuous condition (``""`` for a unitless score) and ``range`` is its valid
+    [low, high] in that unit; ``levels`` are the labels of a binary (2) or categorical (>= 2) one, and
+    ``codes`` optionally maps the values the table holds to them. ``label``, ``default`` and
+    ``description`` are optional. Raises ``ConditionError`` naming the file and the entry."""
+    if not isinstance(declared, Mapping) or not isinstance(declared.get("conditions"), list):
+        raise ConditionError(f"{source}: expected a JSON object with a \"conditions\" list")
+    if not declared["conditions"]:
+        raise ConditionError(f"{source}: the \"conditions\" list is empty")
+    out = []
+    for i, entry in enumerate(declared["conditions"], start=1):
+        where = f"{source}: condition {i}"
+        if not isinstance(entry, Mapping):
+            raise ConditionError(f"{where}: expected an object with name, kind, ...")
+        name = entry.get("name")
+        if isinstance(name, str):
+            where += f" ({name!r})"
+        unknown = sorted(str(k) for k in set(entry) - _DECLARED_KEYS)
+        if unknown:
+            raise ConditionError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                                 f"allowed: {', '.join(sorted(_DECLARED_KEYS))}")
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            raise ConditionError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        fields: dict[str, Any] = {"low": None, "high": None, "categories": ()}
+        if kind == "continuous":
+            if "unit" not in entry or not isinstance(entry["unit"], str):
+                raise ConditionError(f"{where}: a continuous condition needs its unit (e.g. \"years\", \"mL\"; "
+                                     "\"\" for a unitless score)")
+            rng = entry.get("range")
+            if (not isinstance(rng, list) or len(rng) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)):
+                raise ConditionError(f"{where}: a continuous condition needs its valid range as [low, high] "
+                                     f"in {entry['unit'] or 'its unit'}, got {rng!r}")
+            fields.update(low=float(rng[0]), high=float(rng[1]))
+            for key in ("levels", "codes"):
+                if key in entry:
+                    raise ConditionError(f"{where}: {key} are for binary or categorical conditions")
+        else:
+            levels = entry.get("levels")
+            if not isinstance(levels, list) or not all(isinstance(v, str) and v.strip() for v in levels):
+                raise ConditionError(f"{where}: a {kind} condition needs its levels as a list of labels, "
+                                     f"e.g. [\"CN\", \"MCI\", \"AD\"], got {levels!r}")
+            if "range" in entry:
+                raise ConditionError(f"{where}: a range is for continuous conditions")
+            fields["categories"] = tuple(v.strip() for v in levels)
+        label = entry.get("label", name.replace("_", " ").capitalize() if isinstance(name, str) else name)
+        try:
+            out.append(Condition(name=name, label=str(label), unit=str(entry.get("unit", "")), kind=kind,
+                                 default=entry.get("default"), description=str(entry.get("description", "")),
+                                 codes=_codes(entry.get("codes"), name), **fields))
+        except ConditionError as e:
+            raise ConditionError(f"{where}: {e}") from None
+    try:
+        return ConditionSchema(tuple(out))
+    except ConditionError as e:
+        raise ConditionError(f"{source}: {e}") from None
+
+
+def read_schema_file(path: str | Path) -> ConditionSchema:
+    """The schema a cohort's JSON schema file declares (see :func:`schema_from_declaration`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConditionError(f"{path}: schema file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConditionError(f"{path}: cannot read the schema file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        declared = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConditionError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    return schema_from_declaration(declared, str(path))

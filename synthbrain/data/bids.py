@@ -12,13 +12,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from synthbrain.conditions import DEFAULT_SCHEMA, ConditionSchema
+from synthbrain.conditions import DEFAULT_SCHEMA, ConditionSchema, read_schema_file
 from synthbrain.errors import ConditionError, DatasetError, SynthBrainError
 from synthbrain.grids import SPACE, Grid, get_grid
 
@@ -190,12 +191,32 @@ class BIDSDataset:
                                             "PreparedCheck": checked.to_dict()}))
         return out
 
-    def prepare(self, on_step: OnStep | None = None) -> None:
-        """Preprocess every subject now (cached ones are skipped)."""
-        for i in range(len(self)):
-            self.preprocessed_path(i)
-            if on_step is not None:
-                on_step(i + 1, len(self), {"subject": self.subjects[i].label})
+    def prepare(self, on_step: OnStep | None = None, jobs: int = 1) -> None:
+        """Preprocess every subject now (cached ones are skipped), ``jobs`` subjects at a time in worker
+        processes (the files are the same as one process writes)."""
+        if jobs < 1:
+            raise DatasetError(f"--jobs must be >= 1, got {jobs}")
+        if jobs == 1 or len(self) <= 1:
+            for i in range(len(self)):
+                self.preprocessed_path(i)
+                if on_step is not None:
+                    on_step(i + 1, len(self), {"subject": self.subjects[i].label})
+            return
+        import multiprocessing
+        from concurrent.futures import as_completed
+
+        from synthbrain.data.template import load_template
+
+        load_template(self.grid)  # builds the on-disk cache once, before the workers read it
+        # spawn: a forked child would inherit the parent's torch thread pool in whatever state
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(self)), mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(_preprocess_one, self.root, self.grid, self.schema, s.label): s.label
+                       for s in self.subjects}
+            for k, f in enumerate(as_completed(futures)):
+                f.result()
+                if on_step is not None:
+                    on_step(k + 1, len(self), {"subject": futures[f]})
 
     def volume(self, index: int) -> np.ndarray:
         """Preprocessed volume of subject ``index``: (X, Y, Z) float32 in [0, 1]."""
@@ -224,6 +245,16 @@ class BIDSDataset:
                 "phantom": "Phantom" in desc, "generated_by": made_by, "sha256": h.hexdigest()}
 
 
+def _preprocess_one(root: Path, grid: Grid, schema: ConditionSchema, label: str) -> None:
+    BIDSDataset(root, grid=grid, schema=schema, subjects=[label]).preprocessed_path(0)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one subject per core: the workers, not torch, use the machine's cores
+
+
 def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int = 0,
                    min_val: int = 1) -> tuple[list[str], list[str]]:
     """Deterministic train/validation split by a seeded hash of each label.
@@ -249,9 +280,19 @@ def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int =
 
 
 def schema_for_dataset(root: str | Path, extra_conditions: Sequence[str] = (),
-                       base: ConditionSchema = DEFAULT_SCHEMA) -> ConditionSchema:
+                       base: ConditionSchema = DEFAULT_SCHEMA,
+                       schema_file: str | Path | None = None) -> ConditionSchema:
     """The condition schema a model trained on ``root`` gets: the default conditions (plus
-    ``extra_conditions`` columns), with continuous ranges set to what the participants span."""
+    ``extra_conditions`` columns), with continuous ranges set to what the participants span.
+
+    With ``schema_file`` (see :func:`synthbrain.conditions.read_schema_file`) the cohort's declared
+    conditions replace the default ones: every subject's value of every declared column is checked
+    against its declaration (a number in the valid range, one of the levels), each error naming the
+    subject and the column, and every level must occur in the data (a model cannot learn one it never
+    sees). Continuous ranges are then narrowed to what the participants span, within the declared range."""
+    if schema_file is not None:
+        return _declared_schema(Path(root), read_schema_file(schema_file), Path(schema_file).name,
+                                extra_conditions)
     rows = read_tsv(Path(root) / "participants.tsv")
     table: dict[str, list[Any]] = {}
     for row in rows:
@@ -277,3 +318,50 @@ def schema_for_dataset(root: str | Path, extra_conditions: Sequence[str] = (),
         return widened.with_extra_columns(table, extra_conditions).with_ranges_from(table)
     except ConditionError as e:
         raise DatasetError(f"participants.tsv: {e}") from None
+
+
+def _declared_schema(root: Path, declared: ConditionSchema, schema_name: str,
+                     extra_conditions: Sequence[str]) -> ConditionSchema:
+    tsv = root / "participants.tsv"
+    rows = read_tsv(tsv)
+    names = declared.names + [c for c in extra_conditions if c not in declared.names]
+    absent = [c for c in names if c not in rows[0]]
+    if absent:
+        source = f"{schema_name} declares" if absent[0] in declared.names else "--condition names"
+        raise DatasetError(f"{tsv}: no column {absent[0]!r}, which {source} (its columns: "
+                           f"{', '.join(k for k in rows[0] if k)})")
+    table: dict[str, list[Any]] = {c: [] for c in names}
+    for number, row in enumerate(rows, start=2):
+        pid = (row.get("participant_id") or "").strip()
+        sub = subject_label(pid) if pid else f"line {number}"
+        for name in names:
+            raw = row.get(name) or ""
+            if raw.strip().lower() in MISSING:
+                raise DatasetError(f"participants.tsv: {sub}, column {name!r}: no value; fill it in or remove "
+                                   f"{sub}'s row")
+            if name in declared.names:
+                try:
+                    declared[name].validate(raw, strict=True)
+                except ConditionError as e:
+                    raise DatasetError(f"participants.tsv: {sub}, column {name!r}: {e} ({schema_name})") from None
+            table[name].append(raw)
+    for c in declared:
+        if c.kind != "continuous":
+            seen = {c.validate(v) for v in table[c.name]}
+            unseen = [level for level in c.categories if level not in seen]
+            if unseen:
+                raise DatasetError(f"participants.tsv: column {c.name!r}: no subject has the level {unseen[0]!r} "
+                                   f"that {schema_name} declares; a model cannot learn a level it never sees "
+                                   f"(add such subjects or remove the level)")
+    try:
+        schema = declared.with_extra_columns(table, extra_conditions).with_ranges_from(table)
+    except ConditionError as e:
+        raise DatasetError(f"participants.tsv: {e}") from None
+    narrowed = []
+    for c in schema:  # within the declared range (with_ranges_from rounds outward to whole units)
+        if c.name in declared.names and c.kind == "continuous":
+            d = declared[c.name]
+            low, high = max(c.low, d.low), min(c.high, d.high)
+            c = replace(c, low=low, high=high, default=float(min(high, max(low, c.default))))
+        narrowed.append(c)
+    return ConditionSchema(tuple(narrowed))
