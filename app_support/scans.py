@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from synthbrain.errors import SynthBrainError
+from synthbrain.errors import SynthBrainError, UnpreparedVolumeError
 from synthbrain.export import REAL, SYNTHETIC
 from synthbrain.io import Volume
 
@@ -79,10 +79,16 @@ def scan_picker(key: str, grid) -> Scan | None:
             with st.spinner("Checking that the scan is brain-extracted and in MNI space…"):
                 require_prepared(volume, grid)  # a native-space or whole-head scan would give nonsense
             cached = (digest, volume, None)
+        except UnpreparedVolumeError as e:  # readable, but not brain-extracted / in MNI space: keep it to prepare
+            cached = (digest, volume, str(e))
         except SynthBrainError as e:
             cached = (digest, None, str(e))
         st.session_state[f"{key}_upload"] = cached
     _, volume, problem = cached
+    if problem and volume is not None:
+        from app_support.prepare import prepare_step
+
+        return prepare_step(key, digest, file.name, volume, problem, grid)
     if problem:
         st.error(problem, icon=":material/error:")
         return None

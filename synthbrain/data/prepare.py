@@ -229,6 +229,9 @@ def _grid_image(grid: Grid):
 EXTRACTORS = ("auto", "deepbet", "template")
 BRAIN_ML = (600.0, 2500.0)       # a plausible extracted brain (intracranial, mL)
 AFFINE_SCALES = (0.67, 1.5)      # an affine outside this scaling range is refused (rigid kept)
+# what prepare_volume's on_step names, in order
+STEPS = ("N4 bias-field correction", "brain extraction", "registration to MNI152", "resampling onto the grid",
+         "quality check")
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,12 +329,20 @@ def _register(fixed, fixed_mask, moving):
 
 
 def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extraction: str = "auto",
-                   device: str = "cpu") -> Prepared:
-    """Run the whole pipeline on one scan (RAS, any spacing and field of view) in memory."""
+                   device: str = "cpu", on_step: OnStep | None = None) -> Prepared:
+    """Run the whole pipeline on one scan (RAS, any spacing and field of view) in memory.
+
+    ``on_step(i, len(STEPS), {"step": STEPS[i]})`` as step ``i`` starts, and ``(len(STEPS), len(STEPS),
+    {"step": "done"})`` at the end.
+    """
     import SimpleITK as sitk
 
     from synthbrain.data.preprocess import preprocess, resample_to_grid
     from synthbrain.data.template import load_template
+
+    def step(i: int) -> None:
+        if on_step is not None:
+            on_step(i, len(STEPS), {"step": STEPS[i] if i < len(STEPS) else "done"})
 
     grid = get_grid(grid)
     name = volume.source or "volume"
@@ -345,6 +356,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
     if not np.any(data > 0):
         raise InvalidVolumeError(f"{name}: the image is empty (no positive intensities)")
     flags: list[str] = []
+    step(0)
     try:
         corrected = _n4(to_sitk(data, volume.affine), spacing)
     except RuntimeError as e:
@@ -352,6 +364,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
     corrected_np = from_sitk(corrected)
 
     mask_native = None
+    step(1)
     if brain_extraction in ("auto", "deepbet"):
         try:
             mask_native = _extract(corrected_np, volume.affine, device)
@@ -367,6 +380,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
             flags.append("deepbet not installed; template mask used")
     extractor = "deepbet" if mask_native is not None else "template"
 
+    step(2)
     reg_tmpl = load_template(DEMO)
     fixed = to_sitk(reg_tmpl.t1, DEMO.affine)
     fixed_mask = sitk.Cast(to_sitk(reg_tmpl.search_mask.astype(np.float32), DEMO.affine), sitk.sitkUInt8)
@@ -377,6 +391,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
         raise InvalidVolumeError(f"{name}: registration to MNI152 failed ({_first_line(e)})") from None
     flags += notes
 
+    step(3)
     # anti-alias in the scan's space (as resample_to_grid does), then one interpolation onto the grid
     sigma_vox = np.maximum(0.0, (grid.spacing / np.array(volume.spacing) - 1.0) / 2.0)
     source = corrected_np * mask_native if mask_native is not None else corrected_np
@@ -397,6 +412,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
     pre, info = preprocess(Volume(on_grid, grid.affine, source=name), grid)
     mask &= pre.data > 0
 
+    step(4)
     linear = np.array(transform.GetMatrix()).reshape(3, 3)  # MNI -> subject: subject mL = MNI mL * det
     brain_ml = float(mask.sum()) * grid.voxel_volume_ml * abs(float(np.linalg.det(linear)))
     inside = tmpl.brain > 0.5
@@ -412,6 +428,7 @@ def prepare_volume(volume: Volume, grid: Grid | str = "demo", *, brain_extractio
     before = resample_to_grid(data, volume.affine, grid)
     scale = float(np.percentile(before[before > 0], 99.5)) if np.any(before > 0) else 1.0
     before = Volume(np.clip(before / scale, 0.0, 1.0), grid.affine, source=name)
+    step(len(STEPS))
     return Prepared(volume=pre, mask=mask, transform=transform, before=before, qc=qc, info=info.to_dict())
 
 
