@@ -11,7 +11,6 @@ import streamlit as st
 from app_support import common, jobs, results
 from app_support.viewer import viewer
 from synthbrain.errors import SynthBrainError
-from synthbrain.sampling import guidance_warning
 
 GALLERY = results.GALLERY        # this session's samples (list of GalleryItem), newest last
 CURRENT = "gen_current"          # number of the sample shown on top
@@ -46,7 +45,7 @@ with st.sidebar:
                       help="Solver steps (DPM-Solver++): more is slower; past about 5 it changes little.")
     guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="gen_guidance",
                          help="Classifier-free guidance: how strongly the conditions are followed (1 = none).")
-    if note := guidance_warning(bundle, guidance):
+    if note := common.guidance_warning(bundle, guidance):
         st.warning(note, icon=":material/warning:")
     go = st.button("Generate", type="primary", width="stretch", key="gen_go")
 

@@ -14,7 +14,6 @@ from app_support.results import base_layer
 from app_support.viewer import Panel, viewer
 from synthbrain import series
 from synthbrain.errors import SynthBrainError
-from synthbrain.sampling import guidance_warning
 
 RESULT = "traj_result"           # this session's latest Trajectory
 RESULT_FOR = "traj_result_for"   # what it started from: "seed" or the scan's key
@@ -89,7 +88,7 @@ with st.sidebar:
     prior_cfg = bundle.prior.config
     steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="traj_steps")
     guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="traj_guidance")
-    if note := guidance_warning(bundle, guidance):
+    if note := common.guidance_warning(bundle, guidance):
         st.warning(note, icon=":material/warning:")
     strength = 0.5
     if start == "scan":

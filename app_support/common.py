@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,40 @@ def generator_cached(path: str, device: str):
     return Generator(load_bundle_cached(path, device), device=device)
 
 
+_warming: set[tuple[str, str]] = set()
+_warming_lock = threading.Lock()
+
+
+def _import_model_code() -> None:
+    import synthbrain.bundle  # noqa: F401  (torch, MONAI: seconds on a cold start)
+    import synthbrain.sampling  # noqa: F401  (diffusers)
+
+
+# The first page after start-up imports torch, MONAI and diffusers before it can load a bundle: start
+# that here, in the background, when the app's first script run imports this module, so it overlaps
+# with the browser drawing the page (imports are per-module locked, so a page that needs them waits).
+threading.Thread(target=_import_model_code, name="synthbrain-imports", daemon=True).start()
+
+
+def warm_generator(path: str, device: str) -> None:
+    """Build the generator of a loaded bundle in a background thread, once per process, while the user
+    sets the sliders: the first Generate then waits for the model only. (The cache computes a value once,
+    so a page that asks for the generator meanwhile waits for this build instead of making another.)"""
+    with _warming_lock:
+        if (path, device) in _warming:
+            return
+        _warming.add((path, device))
+    threading.Thread(target=generator_cached, args=(path, device), name="synthbrain-warm-up", daemon=True).start()
+
+
+def guidance_warning(bundle, guidance: float | None) -> str | None:
+    """``synthbrain.sampling.guidance_warning``, imported when first asked for (it imports torch), so a
+    page's top lines stay light and its title is drawn at once."""
+    from synthbrain.sampling import guidance_warning as warning
+
+    return warning(bundle, guidance)
+
+
 def bundle_sidebar() -> str:
     """The sidebar's bundle picker; returns the chosen bundle folder (kept across pages)."""
     choices = bundle_choices()
@@ -138,12 +173,18 @@ PHANTOM_NOTE = ("This demo model was trained on a **phantom** cohort: the MNI152
 
 def sampling_page(title: str, without_prior: str):
     """The head of a page that samples: title, the synthetic-data note, the phantom note where it
-    applies; stops with ``without_prior`` if the chosen bundle cannot sample. Returns the bundle."""
-    from synthbrain.sampling import SYNTHETIC_NOTE
+    applies; stops with ``without_prior`` if the chosen bundle cannot sample. Returns the bundle.
 
-    bundle = current_bundle()
+    The title and note are drawn before anything heavy is imported or loaded (torch, the bundle:
+    seconds on the first visit after start-up), so the page shows itself at once; then the bundle
+    loads (a spinner) and the generator is built in the background (:func:`warm_generator`)."""
+    from synthbrain.export import SYNTHETIC_NOTE
+
     st.title(title)
     st.caption(SYNTHETIC_NOTE)
+    bundle = current_bundle()
+    if bundle.has_prior:
+        warm_generator(str(bundle.path), device())
     if is_phantom(bundle):
         st.info(PHANTOM_NOTE, icon=":material/info:")
     if not bundle.has_prior:
