@@ -64,7 +64,7 @@ with metrics:
         st.markdown("_No metrics.json in this bundle yet (`synthbrain evaluate` writes it)._")
 with curves:
     from synthbrain.bundle import TRAINING_LOG_SUFFIX
-    from synthbrain.training.loop import read_metrics
+    from synthbrain.training.run import read_metrics
 
     files = sorted(bundle.path.glob(f"*{TRAINING_LOG_SUFFIX}")) if bundle.path else []
     if not files:

@@ -74,7 +74,7 @@ def bundle_choices() -> list[BundleChoice]:
 def device() -> str:
     """SYNTHBRAIN_DEVICE as the library's device picker reads ``--device`` (auto, cpu, cuda, cuda:N); a
     name it refuses (``gpu``, a GPU this machine lacks) is a ConfigError the page shows."""
-    from synthbrain.training.loop import pick_device
+    from synthbrain.training.distributed import pick_device
 
     raw = os.environ.get("SYNTHBRAIN_DEVICE", "").strip() or "auto"
     try:

@@ -22,7 +22,7 @@ from _results import write_section
 
 from synthbrain.grids import get_grid
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig
-from synthbrain.training.loop import read_metrics
+from synthbrain.training.run import read_metrics
 
 
 def row(name: str, cfg: AutoencoderConfig, rows: list[dict], grid, at: int) -> str:

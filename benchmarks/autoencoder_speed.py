@@ -23,7 +23,7 @@ torch.set_num_threads(int(sys.argv[3]))
 from synthbrain.bundle import load_bundle
 from synthbrain.models.autoencoder import Autoencoder
 from synthbrain.training.autoencoder import AutoencoderStage, AutoencoderTraining
-from synthbrain.training.loop import DistContext
+from synthbrain.training.distributed import DistContext
 what, bundle, repeats = sys.argv[1], sys.argv[2] or None, int(sys.argv[4])
 b = load_bundle(bundle, components=("autoencoder",))
 shape = b.grid.shape

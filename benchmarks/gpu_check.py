@@ -104,7 +104,7 @@ class Meter:
 
 
 def steps_per_s(run: Path) -> str:
-    from synthbrain.training.loop import read_metrics
+    from synthbrain.training.run import read_metrics
 
     rates = [r["value"] for r in read_metrics(run / "metrics.csv") if r["name"] == "steps_per_s"]
     return f"{rates[-1]:.2f} steps/s" if rates else ""

@@ -42,7 +42,7 @@ DEVICE_HELP = "auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N"
 
 def _pick_device(value: str) -> str:
     """--device resolved once for the library (which takes a device name): auto becomes cpu or cuda:0."""
-    from synthbrain.training.loop import pick_device
+    from synthbrain.training.distributed import pick_device
 
     return str(pick_device(value))
 
@@ -317,7 +317,7 @@ def sample(
 
     from synthbrain.bundle import load_bundle
     from synthbrain.sampling import Generator, sample_dataset
-    from synthbrain.training.loop import distributed, pick_device
+    from synthbrain.training.distributed import distributed, pick_device
 
     values: dict = {"age": age, "sex": sex, "ventricular_volume": ventricular_volume, "brain_volume": brain_volume}
     for item in condition:
@@ -476,7 +476,7 @@ def release(
     from synthbrain.bundle import load_bundle
     from synthbrain.privacy import AuditSettings
     from synthbrain.privacy import release as run
-    from synthbrain.training.loop import distributed
+    from synthbrain.training.distributed import distributed
 
     b = load_bundle(bundle, device=device)
     with distributed(torch.device(device)) as dist, (progress("release") if dist.is_main else nullcontext()) as on_step:

@@ -628,7 +628,7 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     any moment and restarted with the same arguments skips what is done and ends with the dataset an
     uninterrupted run writes. ``out`` must be new, empty, or a release with the same plan.
 
-    ``dist`` (the :class:`~synthbrain.training.loop.DistContext` of a torchrun job; default: one
+    ``dist`` (the :class:`~synthbrain.training.distributed.DistContext` of a torchrun job; default: one
     process) shards the subjects: rank r samples and audits subjects r, r + K, ... (one at a time, as
     one process does) and writes them and their records into ``out`` (a folder every rank sees); once
     every rank is done, rank 0 alone writes participants.tsv, the report and dataset_description.json
@@ -641,7 +641,7 @@ def release(bundle, n: int, conditions: str, train_root, out, holdout_root=None,
     from synthbrain.export import SYNTHETIC, DatasetWriter, generated_by
     from synthbrain.io import atomic_write
     from synthbrain.sampling import Generator, measure_sample, sample_entities, sample_sidecar
-    from synthbrain.training.loop import DistContext
+    from synthbrain.training.distributed import DistContext
 
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")

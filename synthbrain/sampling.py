@@ -474,7 +474,7 @@ def sample_dataset(gen: Generator, out_dir: str | Path, conditions: Mapping[str,
     write them as one dataset in :func:`write_samples`' layout, a batch at a time (a large cohort is
     never held in memory).
 
-    ``dist`` (the :class:`~synthbrain.training.loop.DistContext` of a torchrun job; default: one
+    ``dist`` (the :class:`~synthbrain.training.distributed.DistContext` of a torchrun job; default: one
     process) shards the work: each rank samples its :func:`shard` of the subjects and writes their
     volumes and sidecars into ``out_dir`` (a folder every rank sees); when every rank has finished, rank
     0 alone writes participants.tsv (every rank's rows, gathered, in subject order) and
@@ -485,7 +485,7 @@ def sample_dataset(gen: Generator, out_dir: str | Path, conditions: Mapping[str,
     rank's brains of the sampling time per brain, from the gathered figures)."""
     import torch
 
-    from synthbrain.training.loop import DistContext
+    from synthbrain.training.distributed import DistContext
 
     dist = dist or DistContext()
     if isinstance(conditions, Mapping) or conditions is None:

@@ -238,7 +238,8 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
 
     from synthbrain.data.bids import BIDSDataset
     from synthbrain.training.autoencoder import AutoencoderTraining
-    from synthbrain.training.loop import DistContext, load_config_file
+    from synthbrain.training.config import load_config_file
+    from synthbrain.training.distributed import DistContext
     from synthbrain.training.prior import PriorTraining
 
     dist = DistContext.from_env()
@@ -338,7 +339,7 @@ def _process_group(dist, device: str | None) -> Iterator[None]:
         return
     import torch
 
-    from synthbrain.training.loop import pick_device
+    from synthbrain.training.distributed import pick_device
 
     dev = pick_device(device, dist)
     if dev.type == "cuda":

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from synthbrain.errors import ConfigError
 from synthbrain.training import checkpoint as ckpt
-from synthbrain.training.loop import DistContext, pick_device, step_generator
+from synthbrain.training.distributed import DistContext, pick_device, step_generator
 
 
 class GeneratorDeviceCheck(TorchFunctionMode):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from synthbrain.errors import ConfigError, SynthBrainError
 from synthbrain.training.autoencoder import AutoencoderTraining, train_autoencoder
 from synthbrain.training.checkpoint import list_checkpoints
-from synthbrain.training.loop import read_metrics
+from synthbrain.training.run import read_metrics
 
 
 def _losses(run_dir):
@@ -183,7 +183,8 @@ def test_adversarial_term_trains_a_discriminator_that_stays_out_of_the_bundle(ti
 
 
 def test_learning_rate_warms_up_then_decays_on_a_cosine():
-    from synthbrain.training.loop import TrainConfig, lr_scale
+    from synthbrain.training.config import TrainConfig
+    from synthbrain.training.loop import lr_scale
 
     cfg = TrainConfig(steps=110, warmup_steps=10, lr_decay="cosine", min_lr_ratio=0.1)
     scales = [lr_scale(cfg, s) for s in range(110)]

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from synthbrain.errors import ConfigError
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLossConfig
-from synthbrain.training.loop import (
-    DistContext,
-    OnValidate,
-    TrainConfig,
-    Trainer,
-    check_run_dir,
-    config_sections,
-    distributed,
-    load_config_file,
-    pick_device,
-    step_generator,
-    unwrap,
-)
+from synthbrain.training.config import TrainConfig, config_sections
+from synthbrain.training.distributed import DistContext, step_generator, unwrap
+from synthbrain.training.loop import OnValidate, Run, StageSetup, run_stage
+from synthbrain.training.run import command_line, run_commands
 
 OnStep = Callable[[int, int, dict], None]
 RESTART_EVERY = 20  # steps between dead-code restarts
@@ -116,8 +103,11 @@ class AutoencoderStage:
         # step 0 included: the codebook starts from encoder outputs instead of N(0, 1) noise
         if step % RESTART_EVERY or self._last_z is None:
             return {}
-        g = step_generator(self.cfg.train.seed, self.dist.rank, step, salt=1)
-        return {"codes_restarted": float(self.model.restart_dead_codes(self._last_z, g))}
+        # every rank restarts from the global batch's latents with rank 0's stream: the codebook stays the
+        # same on every rank, and the one a single process with the whole global batch would make
+        z = self.dist.all_gather_cat(self._last_z)
+        g = step_generator(self.cfg.train.seed, 0, step, salt=1)
+        return {"codes_restarted": float(self.model.restart_dead_codes(z, g))}
 
     def validate(self, batches: Sequence[torch.Tensor]) -> dict[str, float]:
         from synthbrain.metrics import reconstruction_metrics
@@ -144,107 +134,60 @@ def load_volumes(dataset, indices: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(dataset.volume(i)[None].copy()) for i in indices])
 
 
-def command_line() -> str:
-    return "synthbrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def write_run_json(run_dir: Path, info: dict) -> None:
-    """run.json: what the run is, and every command that has worked on it (first run, resumes).
-    A resumed run must see the same training and validation subjects it started with."""
-    from synthbrain.io import atomic_write
-
-    path = run_dir / "run.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    for key in ("train_subjects", "val_subjects"):
-        if key in old and old[key] != info.get(key):
-            raise ConfigError(f"{run_dir}: the data's {key.replace('_', ' ')} differ from those the run started "
-                              "with; resume with the same dataset (or start a new --out)")
-    info = {**info, "command": command_line(), "commands": [*old.get("commands", []), command_line()]}
-    atomic_write(path, json.dumps(info, indent=2) + "\n")
-
-
-def run_commands(run_dir: Path) -> list[str]:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()).get("commands", []) if path.is_file() else []
-
-
-def recorded_config_file(run_dir: Path, resume: bool, config_file: Path | None) -> str | None:
-    """The absolute path of the run's ``--config`` (a resumed run keeps the one it started with): the
-    bundle records it, so that the app finds a tuning summary beside it whatever the working folder."""
-    if config_file is not None:
-        return str(Path(config_file).expanduser().resolve())
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()).get("config_file") if resume and path.is_file() else None
-
-
-def resolve_config(run_dir: Path, resume: bool, config_file: Path | None, overrides: dict[str, Any],
-                   cls=AutoencoderTraining):
-    """The run's config: a resumed run keeps the one in run.json (only ``steps`` may grow)."""
-    saved = run_dir / "run.json"
-    if resume and saved.is_file():
-        cfg = cls.from_dict(json.loads(saved.read_text())["config"])
-        if config_file is not None:
-            raise ConfigError("--config cannot change a resumed run; it keeps the config in run.json")
-    else:
-        cfg = cls.from_dict(load_config_file(config_file))
-    train = replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
-    return replace(cfg, train=train)
-
-
 def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", steps: int | None = None,
                       resume: bool = False, config_file: Path | None = None, device: str | None = None,
                       on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
-                      on_validate: OnValidate | None = None) -> Path:
+                      on_validate: OnValidate | None = None, schema_file: str | Path | None = None) -> Path:
     """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
-    from synthbrain.bundle import export_stage, new_config
-    from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
     from synthbrain.grids import get_grid
 
-    run_dir = Path(out)
-    dev = pick_device(device)
-    check_run_dir(run_dir, resume)
-    cfg = resolve_config(run_dir, resume, config_file, {"steps": steps})
-    cfg_file = recorded_config_file(run_dir, resume, config_file)
-    try:  # before any data is read or written
-        cfg.model.check_size_budget(get_grid(grid).shape)
-    except ConfigError as e:
-        raise ConfigError(f"grid {grid}: {e}") from None
-    with distributed(dev) as dist:
-        if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
-            torch.cuda.set_device(dev)
-        torch.manual_seed(cfg.train.seed + dist.rank)
-        schema = schema_for_dataset(data, extra_conditions)
-        probe = BIDSDataset(data, grid=grid, schema=schema)
-        train_ids, val_ids = split_subjects(probe.labels, cfg.train.val_fraction, cfg.train.seed)
-        train_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=train_ids)
-        val_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=val_ids) if val_ids else None
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe.prepare()
-            write_run_json(run_dir, {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,
-                                     "config": cfg.to_dict(), "config_file": cfg_file, "train_subjects": train_ids,
-                                     "val_subjects": val_ids, "world_size": dist.world_size})
-        dist.barrier()
+    def check(cfg: AutoencoderTraining) -> None:
+        try:
+            cfg.model.check_size_budget(get_grid(grid).shape)
+        except ConfigError as e:
+            raise ConfigError(f"grid {grid}: {e}") from None
+
+    def setup(run: Run) -> StageSetup:
+        return _autoencoder_setup(run, data, grid, extra_conditions, schema_file)
+
+    return run_stage(AutoencoderTraining, out, setup, steps=steps, resume=resume, config_file=config_file,
+                     device=device, on_step=on_step, on_validate=on_validate, check=check)
+
+
+def _autoencoder_setup(run: Run, data: str | Path, grid: str, extra_conditions: Sequence[str],
+                       schema_file: str | Path | None) -> StageSetup:
+    from synthbrain.bundle import export_stage, new_config
+    from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
+
+    cfg: AutoencoderTraining = run.config
+    schema = schema_for_dataset(data, extra_conditions, schema_file=schema_file)
+    probe = BIDSDataset(data, grid=grid, schema=schema)
+    train_ids, val_ids = split_subjects(probe.labels, cfg.train.val_fraction, cfg.train.seed)
+    train_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=train_ids)
+    val_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=val_ids) if val_ids else None
+    model = None
+
+    def build():
+        nonlocal model
         train_vols = load_volumes(train_ds, range(len(train_ds)))
         val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
         model = Autoencoder(cfg.model)
-        stage = AutoencoderStage(model, cfg, dev, dist)
-        trainer = Trainer(stage, lambda idx: train_vols[idx], len(train_vols),
-                          [v[None] for v in val_vols[:VAL_DURING_TRAINING]], cfg.train, run_dir, dev, dist, on_step,
-                          on_validate)
-        val = trainer.fit(resume=resume)
-        bundle_dir = run_dir / "bundle"
-        if dist.is_main:
-            bundle_dir.mkdir(parents=True, exist_ok=True)
-            config = new_config(train_ds.grid, schema, name=f"synthbrain-{grid}")
-            config["autoencoder"] = {
-                "config": cfg.model.to_dict(), "loss": cfg.loss.to_dict(), "train": cfg.train.to_dict(),
-                "steps_trained": trainer.step, "seed": cfg.train.seed, "command": command_line(),
-                "commands": run_commands(run_dir), "config_file": cfg_file,
-                "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
-                "compression": cfg.model.compression(train_ds.grid.shape),
-            }
-            export_stage(bundle_dir, "autoencoder", model, config, run_dir, val, trainer.step)
-        dist.barrier()
-    return bundle_dir
+        stage = AutoencoderStage(model, cfg, run.device, run.dist)
+        return (stage, lambda idx: train_vols[idx], len(train_vols),
+                [v[None] for v in val_vols[:VAL_DURING_TRAINING]])
 
+    def export(bundle_dir: Path, steps_trained: int, val: dict) -> None:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        config = new_config(train_ds.grid, schema, name=f"synthbrain-{grid}")
+        config["autoencoder"] = {
+            "config": cfg.model.to_dict(), "loss": cfg.loss.to_dict(), "train": cfg.train.to_dict(),
+            "steps_trained": steps_trained, "seed": cfg.train.seed, "command": command_line(),
+            "commands": run_commands(run.dir), "config_file": run.config_file,
+            "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
+            "compression": cfg.model.compression(train_ds.grid.shape),
+        }
+        export_stage(bundle_dir, "autoencoder", model, config, run.dir, val, steps_trained)
+
+    info = {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,
+            "train_subjects": train_ids, "val_subjects": val_ids}
+    return StageSetup(info, probe.prepare, build, export)

@@ -1,223 +1,39 @@
-"""One training loop for both stages.
+"""One training loop for both stages, and :func:`run_stage`, the one way either stage is run.
 
-The loop owns what every stage shares: the data order (a seeded permutation per epoch, sharded over
-ranks, so a resumed run sees exactly the batches it would have seen), mixed precision (bf16 or fp16
-autocast on CUDA, plain fp32 on the CPU), gradient accumulation, validation every N steps, a metrics
-log (``metrics.csv``), progress through a callback, and atomic checkpoints that restore everything
-(weights, optimisers, grad scaler, step, every RNG state); a damaged newest checkpoint is skipped on
-resume (a warning through the callback) for the one before it. A *stage* says what a step computes.
+The loop owns what every stage shares: the data order (:class:`EpochSampler`), mixed precision
+(autocast: bf16 or fp16 on CUDA, bf16 on the CPU when asked), gradient accumulation, the learning-rate
+schedule, validation every N steps, the metrics log, progress through a callback, and atomic
+checkpoints that restore everything (weights, optimisers, grad scaler, step, data position, every
+rank's RNG state); a damaged newest checkpoint is skipped on resume (a warning through the callback)
+for the one before it. A *stage* (:class:`Stage`) says what a step computes.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the stage wraps its networks in DistributedDataParallel,
-every rank trains on its shard of each epoch and rank 0 alone writes logs and checkpoints.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the stage wraps its networks in DistributedDataParallel, every
+rank trains on its slice of each global batch and rank 0 alone writes logs and checkpoints. A run's
+global batch is ``world_size * batch_size``: K processes of batch B train like one process of batch
+K * B (up to float rounding and per-rank batch norm statistics), so a run may resume on another
+number of processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from synthbrain.errors import ConfigError, SynthBrainError, TrainingDiverged
+from synthbrain.errors import ConfigError, TrainingDiverged
 from synthbrain.training import checkpoint as ckpt
+from synthbrain.training.config import TrainConfig, recorded_config_file, resolve_config
+from synthbrain.training.distributed import DistContext, distributed, pick_device, unwrap
+from synthbrain.training.run import MetricsLog, check_run_dir, write_run_json
 
 OnStep = Callable[[int, int, dict], None]
 # called with (step, validation metrics) after each validation; it may stop the run by raising
 OnValidate = Callable[[int, dict], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 1            # per rank
-    grad_accum: int = 1            # micro-batches per optimiser step
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0         # max global grad norm (0: off)
-    warmup_steps: int = 0          # linear learning-rate warm-up
-    lr_decay: str = "none"         # none | cosine: after the warm-up, cosine to lr * min_lr_ratio at `steps`
-    min_lr_ratio: float = 0.1
-    val_every: int = 200           # steps between validations (0: never)
-    ckpt_every: int = 100          # steps between checkpoints
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    val_fraction: float = 0.1      # held-out subjects
-    seed: int = 0
-    amp: str = "auto"              # auto | bf16 | fp16 | off (autocast only on CUDA)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.lr_decay not in ("none", "cosine"):
-            raise ConfigError(f"train.lr_decay must be none or cosine, got {self.lr_decay!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ConfigError(f"train.amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def dataclass_from_dict(cls, d: dict | None, what: str):
-    """Build a frozen config dataclass from a dict, refusing unknown keys with a clear message."""
-    d = dict(d or {})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{what}: unknown keys {unknown}; known: {sorted(names)}")
-    for f in fields(cls):
-        if f.name in d and isinstance(d[f.name], list):
-            d[f.name] = tuple(d[f.name])
-    return cls(**d)
-
-
-def config_sections(cls, d: dict):
-    """Build a stage's training config (a dataclass whose fields are config dataclasses or scalars)
-    from a JSON dict: each section overrides the defaults field by field; unknown keys are refused."""
-    base = cls()
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config sections {unknown}; expected {', '.join(names)}")
-    values = {}
-    for name in names:
-        default = getattr(base, name)
-        if hasattr(default, "to_dict"):
-            values[name] = dataclass_from_dict(type(default), {**default.to_dict(), **d.get(name, {})}, name)
-        else:
-            values[name] = type(default)(d.get(name, default))
-    return cls(**values)
-
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> DistContext:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def all_gather_json(self, obj: Any, device: torch.device) -> list:
-        """``obj`` (JSON-able) of every rank, in rank order; a collective, so every rank calls it. Sent as
-        UTF-8 JSON in uint8 tensors, never pickled (``device``: a GPU under nccl, the CPU under gloo)."""
-        from synthbrain.io import json_default
-
-        payload = json.dumps(obj, default=json_default).encode()
-        if not self.enabled:
-            return [json.loads(payload)]
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-        size = torch.tensor([data.numel()], dtype=torch.long, device=device)
-        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        torch.distributed.all_gather(sizes, size)
-        padded = torch.zeros(max(int(s) for s in sizes), dtype=torch.uint8, device=device)
-        padded[: data.numel()] = data
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, padded)
-        return [json.loads(p[: int(s)].cpu().numpy().tobytes()) for p, s in zip(parts, sizes)]
-
-    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """``module`` in DistributedDataParallel when there are several processes, else as it is."""
-        if not self.enabled:
-            return module
-        return torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device) -> Iterator[DistContext]:
-    """Initialise torch.distributed from torchrun's environment (nccl on GPUs, gloo on CPU)."""
-    ctx = DistContext.from_env()
-    if not ctx.enabled or torch.distributed.is_initialized():  # one process, or a group its caller owns (tune)
-        yield ctx
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    try:
-        yield ctx
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def pick_device(device: str | torch.device | None = None, dist: DistContext | None = None) -> torch.device:
-    """The device of this process for ``--device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...).
-
-    ``auto`` (or None) is a GPU when there is one, else the CPU. ``cuda`` / ``auto`` on a GPU mean
-    ``cuda:LOCAL_RANK``: each torchrun process its own GPU (``cuda:0`` alone). An explicit ``cuda:N`` is
-    honoured in a single process; under torchrun with several processes it is refused (they would all
-    share GPU N; ``CUDA_VISIBLE_DEVICES`` chooses the GPUs). ``dist`` defaults to torchrun's environment."""
-    dist = dist or DistContext.from_env()
-    name = str(device) if device is not None else "auto"
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type != "cuda":
-        return dev
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    if dev.index is None:
-        dev = torch.device("cuda", dist.local_rank)
-    elif dist.enabled:
-        raise ConfigError(f"--device {name} names one GPU, but torchrun started {dist.world_size} processes: each "
-                          "takes cuda:LOCAL_RANK; pass --device cuda (or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
-    if dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {dev}: this machine has {torch.cuda.device_count()} GPU(s) "
-                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    return dev
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or config.amp == "off":
-        return None
-    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> list[Path]:
-    """Refuse a run folder that does not fit ``resume``; returns its checkpoints (oldest first)."""
-    found = ckpt.list_checkpoints(run_dir)
-    if resume and not found:
-        raise SynthBrainError(f"{run_dir}: --resume given but there is no checkpoint to resume from")
-    if not resume and found:
-        raise SynthBrainError(f"{run_dir} already holds checkpoints; pass --resume to continue that run "
-                              "or choose another --out")
-    return found
-
-
-def step_generator(seed: int, rank: int, step: int, salt: int = 0) -> torch.Generator:
-    """The random stream of one rank at one step: a pure function of (seed, rank, step), so a resumed
-    run draws what the uninterrupted run would have, and ranks never share noise."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 31 + salt)
 
 
 class Stage(Protocol):
@@ -242,7 +58,10 @@ class Stage(Protocol):
 
 
 class EpochSampler:
-    """Indices in a seeded permutation per epoch; each rank takes every world_size-th index."""
+    """The order of the training subjects: a seeded permutation per epoch, read as one stream. Each
+    micro-batch takes the next ``world_size * size`` indices of the stream (the global batch) and each
+    rank the slice at its rank, as DistributedSampler shards an epoch; the state (epoch, position in the
+    stream) is the same on every rank and means the same for any number of ranks."""
 
     def __init__(self, n: int, seed: int, dist: DistContext) -> None:
         if n < 1:
@@ -253,17 +72,20 @@ class EpochSampler:
 
     def _make(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        shard = perm[self.dist.rank::self.dist.world_size]
-        return shard or perm[: 1]
+        return torch.randperm(self.n, generator=g).tolist()
 
-    def next(self) -> int:
+    def _next(self) -> int:
         if self.pos >= len(self._perm):
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = self._make()
         i = self._perm[self.pos]
         self.pos += 1
         return i
+
+    def batch(self, size: int) -> list[int]:
+        """This rank's ``size`` indices of the next global batch."""
+        every = [self._next() for _ in range(size * self.dist.world_size)]
+        return every[self.dist.rank * size:(self.dist.rank + 1) * size]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -273,39 +95,31 @@ class EpochSampler:
         self._perm = self._make()
 
 
-class MetricsLog:
-    """Long-format CSV (step, split, name, value); rows past a resumed step are dropped first."""
-
-    COLUMNS = ("step", "split", "name", "value", "time")
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        rows = []
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        if not self.enabled or not metrics:
-            return
-        now = round(time.time(), 3)
-        with open(self.path, "a", newline="") as f:
-            w = csv.writer(f)
-            for k, v in metrics.items():
-                w.writerow((step, split, k, f"{float(v):.6g}", now))
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``config.amp`` on ``device`` (None: full fp32). ``auto`` is bf16 on a GPU
+    that has it, else fp16, and off on the CPU; bf16 on the CPU autocasts there too."""
+    if config.amp == "off" or (config.amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        if config.amp == "fp16":
+            raise ConfigError(f"train.amp fp16 needs a CUDA device (its gradient scaler is CUDA's); on {device.type} "
+                              "use bf16 or off")
+        return torch.bfloat16
+    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a ``metrics.csv`` with numbers parsed."""
-    with open(path, newline="") as f:
-        return [{"step": int(r["step"]), "split": r["split"], "name": r["name"], "value": float(r["value"])}
-                for r in csv.DictReader(f)]
+def lr_scale(config: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine decay to
+    ``min_lr_ratio`` at ``config.steps`` (a run extended with ``--resume --steps`` decays over the new length)."""
+    w = config.warmup_steps
+    if w > 0 and step < w:
+        return (step + 1) / w
+    if config.lr_decay == "none" or config.steps <= w:
+        return 1.0
+    progress = min(1.0, (step - w) / (config.steps - w))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -393,12 +207,12 @@ class Trainer:
         return path
 
     # -- the loop ------------------------------------------------------------------------------
-    def _lr_scale(self, step: int) -> float:
-        return lr_scale(self.config, step)
-
     def _backward(self, loss: torch.Tensor, optimizer: str) -> None:
         self.scaler.scale(loss / self.config.grad_accum).backward()
         self._used.add(optimizer)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def fit(self, resume: bool = False) -> dict[str, float]:
         cfg = self.config
@@ -417,13 +231,12 @@ class Trainer:
         while self.step < cfg.steps:
             for n, opt in self.stage.optimizers.items():
                 for g, lr in zip(opt.param_groups, base_lrs[n]):
-                    g["lr"] = lr * self._lr_scale(self.step)
+                    g["lr"] = lr * lr_scale(cfg, self.step)
             self._used: set[str] = set()
             sums: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
-                idx = [self.sampler.next() for _ in range(cfg.batch_size)]
-                batch = self.get_batch(idx)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                batch = self.get_batch(self.sampler.batch(cfg.batch_size))
+                with self._autocast():
                     logs = self.stage.train_step(batch, self.step, self._backward)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
@@ -469,40 +282,71 @@ class Trainer:
         for net in self.stage.networks.values():
             net.eval()
         try:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with self._autocast():
                 return self.stage.validate(self.val_batches)
         finally:
             for net in self.stage.networks.values():
                 net.train()
 
 
-def lr_scale(config: TrainConfig, step: int) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then constant or cosine decay to
-    ``min_lr_ratio`` at ``config.steps`` (a run extended with ``--resume --steps`` decays over the new length)."""
-    w = config.warmup_steps
-    if w > 0 and step < w:
-        return (step + 1) / w
-    if config.lr_decay == "none" or config.steps <= w:
-        return 1.0
-    progress = min(1.0, (step - w) / (config.steps - w))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+# -- running a stage ---------------------------------------------------------------------------
 
 
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+@dataclass(frozen=True)
+class Run:
+    """A training run as :func:`run_stage` hands it to a stage's set-up."""
+
+    dir: Path
+    config: Any                  # the stage's training config (AutoencoderTraining, PriorTraining, ...)
+    config_file: str | None      # the absolute path of its --config, as recorded (a resume keeps the first)
+    device: torch.device
+    dist: DistContext
 
 
-def load_config_file(path: Path | None) -> dict:
-    """A JSON training config (``--config``): {"train": {...}, "model": {...}, "loss": {...}}."""
-    if path is None:
-        return {}
-    try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
-    return d
+@dataclass(frozen=True)
+class StageSetup:
+    """What a stage gives :func:`run_stage` once the run's config, device and ranks are known."""
+
+    info: dict                                     # run.json's entries: stage, data, subjects, ...
+    prepare: Callable[[], None]                    # rank 0 alone, before any rank reads the data
+    # every rank, after ``prepare``: (stage, get_batch(indices), number of training items, validation batches)
+    build: Callable[[], tuple[Stage, Callable[[list[int]], Any], int, Sequence[Any]]]
+    export: Callable[[Path, int, dict], None]      # rank 0 after training: (bundle folder, steps, last validation)
+
+
+def run_stage(cls, out: str | Path, setup: Callable[[Run], StageSetup], *, steps: int | None = None,
+              resume: bool = False, config_file: Path | None = None, device: str | None = None,
+              on_step: OnStep | None = None, on_validate: OnValidate | None = None,
+              check: Callable[[Any], None] | None = None) -> Path:
+    """Train one stage into the run folder ``out`` and export ``out/bundle``; returns that folder.
+
+    ``cls`` is the stage's training config class (``from_dict``, ``to_dict``, a ``train`` section);
+    ``check(config)`` may refuse the config before any data is read or written. The run folder must fit
+    ``resume``; a resumed run keeps its run.json config (``steps`` may grow). Under torchrun each rank
+    takes its device and seed, rank 0 writes run.json and prepares the data while the others wait."""
+    run_dir = Path(out)
+    dev = pick_device(device)
+    check_run_dir(run_dir, resume)
+    cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls)
+    cfg_file = recorded_config_file(run_dir, resume, config_file)
+    if check is not None:
+        check(cfg)
+    with distributed(dev) as dist:
+        if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
+            torch.cuda.set_device(dev)
+        torch.manual_seed(cfg.train.seed + dist.rank)
+        plan = setup(Run(run_dir, cfg, cfg_file, dev, dist))
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_json(run_dir, {**plan.info, "config": cfg.to_dict(), "config_file": cfg_file,
+                                     "world_size": dist.world_size})
+            plan.prepare()
+        dist.barrier()
+        stage, get_batch, n_train, val_batches = plan.build()
+        trainer = Trainer(stage, get_batch, n_train, val_batches, cfg.train, run_dir, dev, dist, on_step, on_validate)
+        val = trainer.fit(resume=resume)
+        bundle_dir = run_dir / "bundle"
+        if dist.is_main:
+            plan.export(bundle_dir, trainer.step, val)
+        dist.barrier()
+    return bundle_dir

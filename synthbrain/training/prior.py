@@ -16,25 +16,10 @@ from pathlib import Path
 import torch
 
 from synthbrain.models.prior import Prior, PriorConfig
-from synthbrain.training.autoencoder import (
-    command_line,
-    recorded_config_file,
-    resolve_config,
-    run_commands,
-    write_run_json,
-)
-from synthbrain.training.loop import (
-    DistContext,
-    OnValidate,
-    TrainConfig,
-    Trainer,
-    check_run_dir,
-    config_sections,
-    distributed,
-    pick_device,
-    step_generator,
-    unwrap,
-)
+from synthbrain.training.config import TrainConfig, config_sections
+from synthbrain.training.distributed import DistContext, step_generator, unwrap
+from synthbrain.training.loop import OnValidate, Run, StageSetup, run_stage
+from synthbrain.training.run import command_line, run_commands
 
 OnStep = Callable[[int, int, dict], None]
 
@@ -69,18 +54,26 @@ class PriorStage:
         self.optimizers = {"prior": torch.optim.AdamW(prior.parameters(), lr=cfg.train.lr,
                                                       weight_decay=cfg.train.weight_decay)}
         self.scheduler = DDPMScheduler(**cfg.model.scheduler_kwargs())
-        self.rank = dist.rank
+        self.dist = dist
         self._micro_step, self._micro = -1, 0
 
     def _loss(self, latents: torch.Tensor, context: torch.Tensor, net, generator: torch.Generator,
-              drop: float) -> torch.Tensor:
+              drop: float, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """The denoising loss of a batch; ``part`` (rank, world size): the batch is that rank's slice of
+        a global batch, whose noise, timesteps and condition dropout are drawn whole and sliced, so that
+        K ranks draw what one process with the whole global batch would."""
+        rank, world = part
         x0 = self.prior.pad(latents.to(self.device) * self.scale)
+        b = x0.shape[0]
+        mine = slice(rank * b, (rank + 1) * b)
         # drawn on the generator's device (a CPU generator cannot draw on a GPU), then moved to the data
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(self.device)
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (x0.shape[0],), generator=generator,
-                          device=generator.device).to(self.device)
+        noise = torch.randn((world * b, *x0.shape[1:]), generator=generator, device=generator.device)[mine]
+        noise = noise.to(self.device)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (world * b,), generator=generator,
+                          device=generator.device)[mine].to(self.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
-        ctx = Prior.drop_conditions(context.to(self.device)[:, None, :], drop, generator)
+        # the dropout mask of the global batch, applied to this rank's rows (world copies of them)
+        ctx = Prior.drop_conditions(context.to(self.device)[:, None, :].repeat(world, 1, 1), drop, generator)[mine]
         pred = net(noisy, t, ctx).float()
         kind = self.cfg.model.prediction_type
         target = {"epsilon": noise, "sample": x0}.get(kind)
@@ -93,8 +86,9 @@ class PriorStage:
         # micro-batches of one step (gradient accumulation) must not share noise
         self._micro = self._micro + 1 if step == self._micro_step else 0
         self._micro_step = step
-        g = step_generator(self.cfg.train.seed, self.rank, step, salt=self._micro)
-        loss = self._loss(latents, context, self.net, g, self.cfg.model.condition_dropout)
+        g = step_generator(self.cfg.train.seed, 0, step, salt=self._micro)  # the global batch's stream
+        loss = self._loss(latents, context, self.net, g, self.cfg.model.condition_dropout,
+                          (self.dist.rank, self.dist.world_size))
         backward(loss, "prior")
         return {"loss": loss.item()}
 
@@ -150,59 +144,60 @@ def cached_latents(run_dir: Path, autoencoder, dataset, device, sha: str, on_ste
 def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: int | None = None,
                 resume: bool = False, config_file: Path | None = None, device: str | None = None,
                 on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
-                on_validate: OnValidate | None = None) -> Path:
+                on_validate: OnValidate | None = None, schema_file: str | Path | None = None) -> Path:
     """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
+    def setup(run: Run) -> StageSetup:
+        return _prior_setup(run, bundle, data, extra_conditions, schema_file)
+
+    return run_stage(PriorTraining, out, setup, steps=steps, resume=resume, config_file=config_file,
+                     device=device, on_step=on_step, on_validate=on_validate)
+
+
+def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_conditions: Sequence[str],
+                 schema_file: str | Path | None) -> StageSetup:
     from synthbrain.bundle import copy_bundle, export_stage, load_bundle, read_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
     from synthbrain.population import PopulationModel
 
-    run_dir = Path(out)
-    dev = pick_device(device)
-    check_run_dir(run_dir, resume)
-    cfg = resolve_config(run_dir, resume, config_file, {"steps": steps}, cls=PriorTraining)
-    cfg_file = recorded_config_file(run_dir, resume, config_file)
-    with distributed(dev) as dist:
-        if dev.type == "cuda":  # pick_device gave this rank's GPU (or the one --device names)
-            torch.cuda.set_device(dev)
-        torch.manual_seed(cfg.train.seed + dist.rank)
-        src = load_bundle(bundle, device=str(dev), components=("autoencoder",))
-        schema = schema_for_dataset(data, extra_conditions)
-        full = BIDSDataset(data, grid=src.grid, schema=schema)
-        train_ids, val_ids = split_subjects(full.labels, cfg.train.val_fraction, cfg.train.seed)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_json(run_dir, {"stage": "prior", "bundle": str(Path(bundle).resolve()),
-                                     "data": str(Path(data).resolve()), "config": cfg.to_dict(),
-                                     "config_file": cfg_file, "train_subjects": train_ids, "val_subjects": val_ids,
-                                     "world_size": dist.world_size})
-            full.prepare()
-            cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
-        dist.barrier()
-        latents = cached_latents(run_dir, src.autoencoder, full, dev, src.config["autoencoder"].get("sha256", ""))
+    cfg: PriorTraining = run.config
+    src = load_bundle(bundle, device=str(run.device), components=("autoencoder",))
+    schema = schema_for_dataset(data, extra_conditions, schema_file=schema_file)
+    full = BIDSDataset(data, grid=src.grid, schema=schema)
+    train_ids, val_ids = split_subjects(full.labels, cfg.train.val_fraction, cfg.train.seed)
+    index = {lab: i for i, lab in enumerate(full.labels)}
+    tr = torch.tensor([index[s] for s in train_ids])
+    sha = src.config["autoencoder"].get("sha256", "")
+    stage = scale = None
+
+    def prepare() -> None:
+        full.prepare()
+        cached_latents(run.dir, src.autoencoder, full, run.device, sha)
+
+    def build():
+        nonlocal stage, scale
+        latents = cached_latents(run.dir, src.autoencoder, full, run.device, sha)
         conds = torch.stack([torch.from_numpy(full.conditions(i)) for i in range(len(full))])
-        index = {lab: i for i, lab in enumerate(full.labels)}
-        tr = torch.tensor([index[s] for s in train_ids])
         va = torch.tensor([index[s] for s in val_ids], dtype=torch.long)
         scale = 1.0 / float(latents[tr].std())
         prior = Prior(cfg.model, latent_shape=tuple(latents.shape[1:]), condition_width=schema.width)
-        stage = PriorStage(prior, cfg, scale, dev, dist)
+        stage = PriorStage(prior, cfg, scale, run.device, run.dist)
         val_batches = [(latents[va[i:i + 16]], conds[va[i:i + 16]]) for i in range(0, len(va), 16)]
-        trainer = Trainer(stage, lambda idx: (latents[tr[idx]], conds[tr[idx]]), len(tr), val_batches,
-                          cfg.train, run_dir, dev, dist, on_step, on_validate)
-        val = trainer.fit(resume=resume)
-        out_bundle = run_dir / "bundle"
-        if dist.is_main:
-            copy_bundle(bundle, out_bundle)
-            config = read_config(out_bundle)
-            config["conditions"] = schema.to_dict()
-            config["population"] = PopulationModel.fit([full.subjects[int(i)].values for i in tr], schema).to_dict()
-            config["prior"] = {
-                "config": cfg.model.to_dict(), "train": cfg.train.to_dict(), "ema_decay": cfg.ema_decay,
-                "latent_scale_factor": scale, "steps_trained": trainer.step, "seed": cfg.train.seed,
-                "command": command_line(), "commands": run_commands(run_dir), "config_file": cfg_file,
-                "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
-                "weights": "exponential moving average",
-            }
-            export_stage(out_bundle, "prior", unwrap(stage.ema.module), config, run_dir, val, trainer.step)
-        dist.barrier()
-    return out_bundle
+        return stage, lambda idx: (latents[tr[idx]], conds[tr[idx]]), len(tr), val_batches
+
+    def export(out_bundle: Path, steps_trained: int, val: dict) -> None:
+        copy_bundle(bundle, out_bundle)
+        config = read_config(out_bundle)
+        config["conditions"] = schema.to_dict()
+        config["population"] = PopulationModel.fit([full.subjects[int(i)].values for i in tr], schema).to_dict()
+        config["prior"] = {
+            "config": cfg.model.to_dict(), "train": cfg.train.to_dict(), "ema_decay": cfg.ema_decay,
+            "latent_scale_factor": scale, "steps_trained": steps_trained, "seed": cfg.train.seed,
+            "command": command_line(), "commands": run_commands(run.dir), "config_file": run.config_file,
+            "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
+            "weights": "exponential moving average",
+        }
+        export_stage(out_bundle, "prior", unwrap(stage.ema.module), config, run.dir, val, steps_trained)
+
+    info = {"stage": "prior", "bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
+            "train_subjects": train_ids, "val_subjects": val_ids}
+    return StageSetup(info, prepare, build, export)
