@@ -54,9 +54,8 @@ class PreparedUpload:
         rows = list(zip(PICTURE_ROWS, (self.result.before, self.volume, Volume(tmpl.t1, self.grid.affine)),
                         strict=True))
         return rows_png(rows, point_mm=tmpl.centroid_mm, width_px=900,
-                        title=f"Uploaded scan, prepared ({kind(DERIVED).title}): r = {q['correlation']:.3f} with "
-                              f"the template, input {q['input_rotation_deg']:.1f} deg / {q['input_shift_mm']:.1f} mm "
-                              "off MNI",
+                        title=f"Prepared upload ({kind(DERIVED).name}): r = {q['correlation']:.3f} with the "
+                              f"template; it was {q['input_rotation_deg']:.1f} deg, {q['input_shift_mm']:.1f} mm off",
                         footer="; ".join(q["flags"]) or "no flags")
 
     def qc_rows(self) -> list[dict]:
