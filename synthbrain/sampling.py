@@ -308,18 +308,21 @@ class Generator:
         return [replace(s, seconds=per) for s in out]
 
     def edit(self, volume: np.ndarray, conditions: Mapping[str, Any], strength: float = 0.5, seed: int = 0,
-             steps: int | None = None, guidance: float | None = None, on_step: OnStep | None = None) -> Sample:
+             steps: int | None = None, guidance: float | None = None, on_step: OnStep | None = None,
+             latent: torch.Tensor | None = None) -> Sample:
         """Re-imagine a real (preprocessed) volume under new conditions: encode it, noise its latent to
         ``strength`` (0 = unchanged, 1 = pure noise) and denoise under ``conditions`` (SDEdit), so the
         subject stays recognisable while the conditions change. The result is *derived* from that
-        person's scan (never synthetic): its info carries the provenance and the source's digest."""
+        person's scan (never synthetic): its info carries the provenance and the source's digest.
+        ``latent``: ``encode(volume)`` when the caller already has it (one scan edited at many ages
+        is encoded once)."""
         if not 0.0 < strength <= 1.0:
             raise ConfigError(f"strength must be in (0, 1], got {strength}")
         steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context([conditions])
         start = min(steps - 1, int(round(steps * (1.0 - strength))))
         scheduler = self.new_scheduler(steps, start)
-        z0 = self.encode(volume)
+        z0 = self.encode(volume) if latent is None else latent.to(self.device)
         noise = self.noise([seed]).to(self.device)
         x = scheduler.add_noise(z0, noise, scheduler.timesteps[start:start + 1])
         x = self.denoise(x, context, steps, guidance, on_step, start_step=start, scheduler=scheduler)

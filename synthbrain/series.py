@@ -140,13 +140,14 @@ def sample_series(generator, conditions: Sequence[Mapping[str, Any]], *, seed: i
         return step
 
     out = []
+    latent = None if source is None else generator.encode(source)  # one scan, many ages: encoded once
     for j, cond in enumerate(conditions):
         if source is None:
             out.append(generator.sample(cond, n=1, seed=seed, steps=steps, guidance=guidance,
                                         on_step=frame_step(j))[0])
         else:
             out.append(generator.edit(source, cond, strength=strength, seed=seed, steps=steps, guidance=guidance,
-                                      on_step=frame_step(j)))
+                                      on_step=frame_step(j), latent=latent))
     return out
 
 
