@@ -32,7 +32,8 @@ st.markdown("The VQ-VAE (stage 1) squeezes a whole brain into a small grid of co
             "How close the decoded brain is to the scan shows what the model keeps and what it loses. "
             "The scan is first resampled onto the model's grid "
             f"({bundle.grid.name}: {' x '.join(map(str, bundle.grid.shape))} voxels at {bundle.grid.spacing:g} mm) "
-            "and its intensities normalised; it must be a brain-extracted T1 aligned to MNI space.")
+            "and its intensities normalised; it must be a brain-extracted T1 aligned to MNI space (an upload that is "
+            "not can be prepared here first).")
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")
 

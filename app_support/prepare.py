@@ -123,7 +123,9 @@ def _prepare(digest: str, volume: Volume, grid, device: str, on_step) -> Prepare
     # the library's messages name the volume by its source: "the upload", never the file's name
     res = prepare_volume(replace(volume, source="the upload"), grid, device=device, on_step=on_step)
     seconds = time.perf_counter() - start
-    return PreparedUpload(digest, volume, res, found, check_prepared(res.volume), seconds, grid)
+    done = PreparedUpload(digest, volume, res, found, check_prepared(res.volume), seconds, grid)
+    done.picture  # drawn here, in the queue, not in the page's script thread  # noqa: B018
+    return done
 
 
 def prepare_step(key: str, digest: str, name: str, volume: Volume, problem: str, grid):

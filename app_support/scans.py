@@ -64,7 +64,9 @@ def scan_picker(key: str, grid) -> Scan | None:
         return builtin_scan("phantom", int(index), grid.name)
     file = st.file_uploader("T1-weighted NIfTI (.nii or .nii.gz), brain-extracted, in MNI space",
                             type=["nii", "nii.gz"], key=f"{key}_file",
-                            help="The file stays in this browser session; it is never written to disk or shared.")
+                            help="The file stays in this browser session; it is never written to disk or shared. "
+                                 "A scan that is not brain-extracted or not in MNI space gets a **Prepare it** "
+                                 "step here (the pipeline of `synthbrain prepare`).")
     if file is None:
         return None
     data = file.getvalue()

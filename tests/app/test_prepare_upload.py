@@ -122,3 +122,17 @@ def test_prepare_it_shows_before_after_and_goes_on_with_the_prepared_scan(bundle
     assert all("derived" in p["title"] for p in call.panels)
     assert frame(at.table[1].value)["Metric"][0] == "PSNR"  # the reconstruction's figures, after the QC table
     assert result.recon.metrics["ssim"] > 0.3
+
+
+def test_a_scan_prepare_cannot_handle_gets_its_message(bundle):
+    """An image with nothing in it is offered the step (the check cannot tell what it is); preparing it
+    fails with the pipeline's one-line message, and nothing reaches the model."""
+    from synthbrain.io import Volume
+
+    empty = to_nifti_bytes(Volume(np.zeros(bundle.grid.shape, np.float32), bundle.grid.affine), description="")
+    at, go = upload("compare", empty)
+    at.button(key="cmp_prepare").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error][-1] == "the upload: the image is empty (no positive intensities)"
+    assert "cmp_prepared" not in at.session_state and at.button(key="cmp_go").disabled
+    assert not viewer_calls(at)
