@@ -6,6 +6,12 @@ bounded is how many model jobs run at once, because on a CPU one job already use
 at once would each take twice as long) and on a GPU each job holds memory.
 
     SYNTHBRAIN_WORKERS  model jobs that run at once (default: 1 on the CPU, 2 on a GPU)
+    SYNTHBRAIN_NICE     how much lower the CPU priority of model jobs and page scripts is than the
+                        server's own thread (default 10; 0 keeps them equal; Linux)
+
+The server's event loop (WebSockets, uploads, ``/_stcore/health``) is one thread of the process; model
+jobs and page scripts run in threads of their own, niced (:func:`lower_priority`), so on a busy CPU the
+loop is scheduled first whenever it has work and the server keeps answering while brains are made.
 
 A job is a function ``fn(on_step)``; ``on_step(i, n, info)`` may be called from the worker thread (it
 only records the step: Streamlit elements are drawn by the session's own script thread, which waits
@@ -24,6 +30,7 @@ import atexit
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -35,6 +42,8 @@ from typing import Any, TypeVar
 from synthbrain.errors import ConfigError, SynthBrainError
 
 WORKERS_ENV = "SYNTHBRAIN_WORKERS"
+NICE_ENV = "SYNTHBRAIN_NICE"
+DEFAULT_NICE = 10
 T = TypeVar("T")
 OnStep = Callable[[int, int, dict], None]
 
@@ -51,6 +60,42 @@ def workers_from_env(device: str | None = None) -> int:
     if not 1 <= n <= 64:
         raise ConfigError(f"{WORKERS_ENV} must be a whole number of model jobs from 1 to 64, got {raw!r}")
     return n
+
+
+def nice_from_env() -> int:
+    """SYNTHBRAIN_NICE (0..19), else 10."""
+    raw = os.environ.get(NICE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_NICE
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 19:
+        raise ConfigError(f"{NICE_ENV} must be a whole number from 0 to 19 (how much lower model work's CPU "
+                          f"priority is), got {raw!r}")
+    return n
+
+
+def lower_priority(by: int | None = None) -> int:
+    """Lower the calling thread's CPU priority (its nice value) by ``by`` (default SYNTHBRAIN_NICE), at
+    most to 19, and return the thread's nice value. Threads it starts later (torch's OpenMP workers)
+    inherit it. Linux only (elsewhere a no-op): there a thread's id is a target of setpriority."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    tid = threading.get_native_id()
+    now = os.getpriority(os.PRIO_PROCESS, tid)
+    want = min(19, now + (nice_from_env() if by is None else by))
+    if want > now:
+        os.setpriority(os.PRIO_PROCESS, tid, want)
+    return want
+
+
+def lower_script_priority() -> None:
+    """:func:`lower_priority` for a page script's thread (app.py, every run). A bad SYNTHBRAIN_NICE
+    leaves it as it is: the job queue refuses it with its message on the first model job."""
+    with contextlib.suppress(ConfigError):
+        lower_priority()
 
 
 class Stopped(SynthBrainError):
@@ -103,10 +148,11 @@ class Job:
 class JobQueue:
     """A pool of ``workers`` threads and the jobs waiting for them, in order of submission."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, nice: int = 0) -> None:
         if workers < 1:
             raise ConfigError(f"a job queue needs at least 1 worker, got {workers}")
         self.workers = workers
+        self.nice = nice                       # each worker thread lowers its priority by this (lower_priority)
         self.changed = threading.Condition()   # notified whenever a job is queued, starts, steps or ends
         self._waiting: list[Job] = []
         self._running: set[Job] = set()
@@ -137,6 +183,8 @@ class JobQueue:
         return job
 
     def _work(self) -> None:
+        if self.nice:
+            lower_priority(self.nice)
         while (job := self._todo.get()) is not None:
             with self.changed:
                 if self._closed or not job.future.set_running_or_notify_cancel():
@@ -240,7 +288,7 @@ def job_queue() -> JobQueue:
         if _QUEUE is None:
             from app_support.common import device
 
-            _QUEUE = JobQueue(workers_from_env(device()))
+            _QUEUE = JobQueue(workers_from_env(device()), nice=nice_from_env())
         return _QUEUE
 
 

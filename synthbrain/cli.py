@@ -628,7 +628,8 @@ def app_cmd(
         if not models.is_dir():
             raise SynthBrainError(f"{models}: --models must be a folder of bundles")
         env["SYNTHBRAIN_MODELS"] = str(models.resolve())
-    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+    # app_support.serve is `streamlit run` with the bounded upload manager in place from the start
+    cmd = [sys.executable, "-m", "app_support.serve", str(script), "--server.port", str(port),
            "--server.address", address, "--server.headless", "true"]
     typer.echo(f"SynthBrain app on http://{address}:{port}  (Ctrl+C to stop)")
     sys.stdout.flush()  # exec discards whatever is still buffered

@@ -60,7 +60,10 @@ def test_vqvae_pictures_after_the_button(bundle, media):
     assert len(at.get("image")) == 3
 
 
-def test_denoising_strip_after_the_button(media):
+def test_denoising_strip_after_the_button(media, bundle):
+    from synthbrain.sampling import Generator
+    from synthbrain.viz.latent import denoising_png
+
     at = open_page("learn")
     at.slider(key="learn_steps").set_value(2).run()
     assert not at.get("image")
@@ -70,6 +73,16 @@ def test_denoising_strip_after_the_button(media):
     img = png(media, strip)
     assert img.size[0] >= 1000 and np.asarray(img.convert("L")).std() > 10
     assert "one channel of the latent" in strip.captions[0]
+    # what it shows: the library's denoising of seed 0 in 2 steps (the noise, step 1, step 2), and
+    # its last frame is the brain sample() makes with the same seed and steps
+    generator = Generator(bundle, device="cpu")
+    frames = list(generator.denoising_steps(None, seed=0, steps=2))
+    assert [f.label for f in frames] == ["noise", "step 1 of 2", "step 2 of 2"]
+    want = Image.open(io.BytesIO(denoising_png([f.latent for f in frames], [f.volume for f in frames],
+                                                [f.label for f in frames])))
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(want))
+    (sample,) = generator.sample(None, seed=0, steps=2)
+    np.testing.assert_array_equal(frames[-1].volume.data, sample.volume.data)
     # a different seed is a different sample
     at.number_input(key="learn_seed").set_value(5).run()
     assert media(at.get("image")[0].value[0]) != media(strip.value[0])

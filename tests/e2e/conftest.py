@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .e2e_helpers import CHROMIUM, CHROMIUM_ARGS, Server
+from .e2e_helpers import CHROMIUM, CHROMIUM_ARGS, Server, app_context
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    context = app_context(browser)
     pg = context.new_page()
     pg.set_default_timeout(90_000)
     yield pg

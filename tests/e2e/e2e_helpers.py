@@ -78,10 +78,41 @@ class Server:
 # ----------------------------------------------------------------------------------------- helpers
 
 
+# Counts the script runs a page has seen end: Streamlit's app root says its run state in
+# data-test-script-state ("running", "rerunRequested", ... "notRunning"); each change into "notRunning"
+# is a run that finished. In every new document of a context from app_context(), before the app's code.
+RUN_COUNTER = """(() => {
+  if (window.top !== window || window.__sbRuns !== undefined) return;
+  window.__sbRuns = 0;
+  window.__sbSeen = 0;
+  new MutationObserver(changes => {
+    for (const c of changes)
+      if (c.target.getAttribute('data-test-script-state') === 'notRunning' && c.oldValue !== 'notRunning')
+        window.__sbRuns += 1;
+  }).observe(document, {subtree: true, attributes: true, attributeOldValue: true,
+                        attributeFilter: ['data-test-script-state']});
+})();"""
+
+SCRIPT_DONE = """() => window.__sbRuns > window.__sbSeen
+  && document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState === 'notRunning'
+  && !document.querySelector('[data-testid="stStatusWidget"]')"""
+
+
+def app_context(browser, **options):
+    """A browser context (a session of its own: cookies, storage) whose pages count the app's script runs."""
+    context = browser.new_context(**{"viewport": {"width": 1500, "height": 1100}, **options})
+    context.add_init_script(RUN_COUNTER)
+    return context
+
+
 def wait_for_script(page, timeout_ms: int = 120_000) -> None:
-    """Until the app's script has finished (Streamlit's 'running' widget is gone)."""
-    page.wait_for_timeout(250)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+    """Until a script run this page has not waited for yet has finished and no other runs: call it
+    after whatever triggers a run (a click, a key, opening the page); a run that ended before the
+    call counts, so nothing waits for a run to begin."""
+    if page.evaluate("() => window.__sbRuns === undefined"):
+        raise AssertionError("wait_for_script needs a page of a context from app_context(browser)")
+    page.wait_for_function(SCRIPT_DONE, timeout=timeout_ms)
+    page.evaluate("() => { window.__sbSeen = window.__sbRuns; }")
 
 
 PAGES = {"": "Generate a synthetic brain", "/compare": "Compare a scan with its reconstruction",
