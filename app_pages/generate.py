@@ -51,13 +51,18 @@ with st.sidebar:
 
 # ----------------------------------------------------------------------------------- generation
 gallery: list = st.session_state.setdefault(GALLERY, [])
+# the job's progress and errors go in a slot that is there on every run: an element that appeared only
+# while sampling would move the viewers below it, and Streamlit would rebuild them (losing their state)
+busy = st.empty()
 if go:
+    busy = busy.container()
     if random_seed:
         seed = secrets.randbelow(2**31 - 1)  # shown with the result, so the brain can be made again
     try:
         generator = common.generator_cached(str(bundle.path), common.device())
         job = partial(generator.sample, conditions, n=1, seed=int(seed), steps=int(steps), guidance=float(guidance))
-        sample = jobs.run(lambda on_step: job(on_step=on_step)[0], "Sampling:")
+        with busy:
+            sample = jobs.run(lambda on_step: job(on_step=on_step)[0], "Sampling:")
         number = (gallery[-1].number + 1) if gallery else 1
         gallery.append(results.make_item(number, sample, bundle))
         del gallery[:-MAX_GALLERY]
@@ -65,7 +70,8 @@ if go:
             del gallery[0]
         st.session_state[CURRENT] = number
     except SynthBrainError as e:
-        common.show_error(e)
+        with busy:
+            common.show_error(e)
 
 # --------------------------------------------------------------------------------------- result
 items = {it.number: it for it in gallery}
@@ -80,13 +86,18 @@ st.markdown(f"{item.describe(schema)} · seed **{s.seed}** · {s.steps} steps ·
             f"{s.seconds:.1f} s ({s.info.get('precision', 'fp32')})")
 slices, solid = st.columns([2.6, 1], gap="small")
 with slices:  # drawn first: the 3D surfaces are built after the slices are on their way
-    viewer([item.panel("Synthetic T1w (not a person)")], key="gen_viewer", sync=False, height=400)
+    masks = st.toggle("Overlay what was measured (brain, ventricles)", key="gen_masks",
+                      help="The voxels the measured volumes count, over the slices; the viewer's toolbar "
+                           "shows or hides each and sets their opacity.")
+    viewer([item.panel("Synthetic T1w (not a person)", masks=masks)], key="gen_viewer", sync=False, height=400,
+           screenshot=f"{item.stem}_view.png")
 with solid:
     st.markdown("**3D: brain and ventricles**")
-    with st.spinner("Building surfaces…"):
+    # the spinner in a place of its own: the 3D viewer after it keeps its position (and its state)
+    with st.container(), st.spinner("Building surfaces…"):
         surfaces = item.surface_panel()
     if surfaces is not None:
-        viewer([surfaces], key="gen_3d", height=426)
+        viewer([surfaces], key="gen_3d", height=426, screenshot=f"{item.stem}_3d.png")
     if item.surface_set[1]:
         st.caption(item.surface_set[1])
 

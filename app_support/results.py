@@ -17,6 +17,12 @@ DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negat
 DIFF_COLORBAR = "reconstruction − original, intensity (0..1 scale): warm brighter, cool darker"
 GALLERY = "gen_gallery"              # session state: this session's samples (GalleryItem), newest last
 INTENSITY = "intensity (0..1, normalised)"  # what the viewer's readout calls a base image's value
+# the measured masks as overlays: (label, colormap, opacity, colour-bar text)
+MASKS = (("brain (measured)", "green", 0.25,
+          "brain: share of each voxel counted as brain tissue (0..1); summed x voxel volume = brain volume (mL)"),
+         ("ventricles (measured)", "warm", 0.9,
+          "ventricles: share of each voxel counted as ventricular CSF (0..1); summed x voxel volume = "
+          "ventricular volume (mL)"))
 
 
 def base_layer(display: bytes, name: str, label: str = INTENSITY) -> Layer:
@@ -44,16 +50,32 @@ class GalleryItem:
         return self.sample.volume
 
     @cached_property
-    def measurement(self) -> tuple[dict | None, str | None]:
-        """({brain_volume, ventricular_volume, intracranial_volume} in mL, None) or (None, why not)."""
-        from synthbrain.measure import measure_volume
+    def _measured(self) -> tuple[dict | None, str | None, tuple[bytes, ...]]:
+        """(volumes in mL, None, the measured brain and ventricle maps as display files) or
+        (None, why not, ()). One segmentation gives both; only its small display files are kept."""
+        from synthbrain.measure import segment
+        from synthbrain.viz.display import display_nifti_bytes
 
         try:
-            m = measure_volume(self.volume, self.bundle.grid)
+            seg = segment(self.volume, self.bundle.grid)
         except InvalidVolumeError as e:
-            return None, str(e)
+            return None, str(e), ()
+        m = seg.measurement
+        masks = tuple(display_nifti_bytes(Volume(data, seg.grid.affine), f"SynthBrain measured {name} (display)")
+                      for data, name in ((seg.brain, "brain"), (seg.ventricles, "ventricles")))
         return {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
-                "intracranial_volume": m.intracranial_volume}, None
+                "intracranial_volume": m.intracranial_volume}, None, masks
+
+    @property
+    def measurement(self) -> tuple[dict | None, str | None]:
+        """({brain_volume, ventricular_volume, intracranial_volume} in mL, None) or (None, why not)."""
+        return self._measured[:2]
+
+    def mask_layers(self) -> tuple[Layer, ...]:
+        """What was measured, as overlays (the viewer's toolbar hides each and sets their opacity)."""
+        return tuple(Layer(data, name=f"{label.split()[0]}_mask.nii.gz", label=label, colormap=cmap, opacity=alpha,
+                           cal_min=0.05, cal_max=1.0, colorbar=bar)
+                     for data, (label, cmap, alpha, bar) in zip(self._measured[2], MASKS))
 
     @property
     def measured(self) -> dict | None:
@@ -91,6 +113,7 @@ class GalleryItem:
     def nbytes(self) -> int:
         """Memory the item holds (the volume and its display files)."""
         extra = len(self.__dict__.get("thumbnail", b""))
+        extra += sum(len(m) for m in self.__dict__.get("_measured", (None, None, ()))[2])
         if "surface_set" in self.__dict__:
             extra += sum(len(x.data) for x in self.surface_set[0])
         return self.volume.data.nbytes + len(self.display) + extra
@@ -135,8 +158,10 @@ class GalleryItem:
 
         return file_stem(self.sample.provenance, self.entities)
 
-    def panel(self, title: str, flex: float = 1.0) -> Panel:
-        return Panel(title, layers=(base_layer(self.display, f"{self.stem}.nii.gz"),), flex=flex)
+    def panel(self, title: str, flex: float = 1.0, masks: bool = False) -> Panel:
+        """The sample in slices; with ``masks`` the measured brain and ventricles as overlays."""
+        return Panel(title, layers=(base_layer(self.display, f"{self.stem}.nii.gz"),
+                                    *(self.mask_layers() if masks else ())), flex=flex)
 
     def surface_panel(self, title: str = "") -> Panel | None:
         surfaces = self.surface_set[0]

@@ -52,13 +52,17 @@ import streamlit.components.v1 as components
 
 FRONTEND = Path(__file__).parent / "frontend"
 VIEWS = ("multiplanar", "axial", "coronal", "sagittal", "render")
+RADIOLOGICAL = "viewer_radiological"  # session state: radiological convention by default in every viewer
 
 
 def niivue_js_folder() -> Path:
-    """The folder of the NiiVue build that nilearn ships."""
-    import nilearn
+    """The folder of the NiiVue build that nilearn ships (found without importing nilearn, ~1 s)."""
+    import importlib.util
 
-    folder = Path(nilearn.__file__).parent / "_assets" / "js"
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nilearn is not installed; the viewer needs its NiiVue build (nilearn >= 0.11)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "_assets" / "js"
     if not (folder / "niivue.umd.js").is_file():
         raise RuntimeError(f"niivue.umd.js not found in {folder}; the viewer needs nilearn >= 0.11 with its JS assets")
     return folder
@@ -119,7 +123,8 @@ class Panel:
 
 def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420, radiological: bool = False,
                 report: bool = False, frames: Sequence[str] = (), frame_name: str = "Frame",
-                frame_seconds: float = 0.5) -> tuple[dict, dict[str, bytes]]:
+                frame_seconds: float = 0.5, key: str = "", screenshot: str = "synthbrain_view.png",
+                ) -> tuple[dict, dict[str, bytes]]:
     """The component's JSON spec and its binary arguments (each distinct file sent once)."""
     blobs: dict[str, bytes] = {}
     ids: dict[str, str] = {}
@@ -135,39 +140,59 @@ def viewer_spec(panels: Sequence[Panel], *, sync: bool = True, height: int = 420
     for p in panels:
         layers = []
         for layer in p.layers:
-            key, digest = ref(layer.data)
-            layers.append({"data": key, "id": digest, "name": layer.name, "label": layer.label,
+            blob, digest = ref(layer.data)
+            layers.append({"data": blob, "id": digest, "name": layer.name, "label": layer.label,
                            "colormap": layer.colormap, "opacity": float(layer.opacity),
                            "cal_min": layer.cal_min, "cal_max": layer.cal_max,
                            "colormap_negative": layer.colormap_negative, "colorbar": layer.colorbar,
                            "visible": bool(layer.visible)})
         surfaces = []
         for s in p.surfaces:
-            key, digest = ref(s.data)
-            surfaces.append({"data": key, "id": digest, "name": s.name, "rgba": list(s.rgba),
+            blob, digest = ref(s.data)
+            surfaces.append({"data": blob, "id": digest, "name": s.name, "rgba": list(s.rgba),
                              "opacity": float(s.opacity)})
         out.append({"title": p.title, "view": p.view, "flex": float(p.flex), "show_render": bool(p.show_render),
                     "layers": layers, "surfaces": surfaces})
-    spec = {"lib": _niivue_lib.name, "height": int(height), "sync": bool(sync), "radiological": bool(radiological),
-            "report": bool(report), "panels": out}
+    spec = {"lib": _niivue_lib.name, "key": key, "height": int(height), "sync": bool(sync),
+            "radiological": bool(radiological), "report": bool(report), "screenshot": screenshot, "panels": out}
     if frames:
         spec["frames"] = {"name": frame_name, "labels": [str(x) for x in frames], "seconds": float(frame_seconds)}
     return spec, blobs
 
 
-def viewer(panels: Sequence[Panel], *, key: str, sync: bool = True, height: int = 420, radiological: bool = False,
-           report: bool = False, frames: Sequence[str] = (), frame_name: str = "Frame",
-           frame_seconds: float = 0.5) -> dict[str, Any] | None:
+def viewer(panels: Sequence[Panel], *, key: str, sync: bool = True, height: int = 420,
+           radiological: bool | None = None, report: bool = False, frames: Sequence[str] = (),
+           frame_name: str = "Frame", frame_seconds: float = 0.5,
+           screenshot: str = "synthbrain_view.png") -> dict[str, Any] | None:
     """Draw ``panels`` side by side; with ``sync`` their crosshairs, slices and 3D angles move together.
 
-    With ``report`` a click sends ``{panel, mm, voxel, value}`` back (and reruns the script);
+    The same ``key`` on every run keeps the canvases and the user's view state while the data change
+    (see the module docstring). ``radiological=None`` follows the session's choice (:func:`preferences`).
+    ``screenshot`` is the file name of the toolbar's PNG (put the kind in it: synthetic / derived / real).
+
+    With ``report`` a click sends ``{panel, mm, voxel, value, state}`` back (and reruns the script);
     without it (the default) the viewer never triggers a rerun.
 
     ``frames``: one label per frame of the 4D layers (``synthbrain.viz.display.display_series_bytes``);
     the viewer gets a ``frame_name`` slider and a play button (``frame_seconds`` a frame) that step
     every 4D layer in the browser, live while dragged, without a rerun or a reload.
     """
+    if radiological is None:
+        import streamlit as st
+
+        radiological = bool(st.session_state.get(RADIOLOGICAL, False))
     spec, blobs = viewer_spec(panels, sync=sync, height=height, radiological=radiological, report=report,
-                              frames=frames, frame_name=frame_name, frame_seconds=frame_seconds)
+                              frames=frames, frame_name=frame_name, frame_seconds=frame_seconds, key=key,
+                              screenshot=screenshot)
     json.dumps(spec)  # fail here, not in the browser, on a value JSON cannot carry
     return _viewer(spec=spec, key=key, default=None, **blobs)
+
+
+def preferences() -> None:
+    """The viewers' session preferences, in the sidebar of every page (``app.py`` calls this before the
+    page runs): radiological convention as the default of every viewer in this session."""
+    import streamlit as st
+
+    st.sidebar.toggle("Radiological convention", key=RADIOLOGICAL,
+                      help="Every viewer in this session shows the subject's left on the right of the screen "
+                           "(as in a radiology reading room). Each viewer's own 'Radiological' box still flips it.")

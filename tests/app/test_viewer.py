@@ -18,7 +18,7 @@ def test_equal_files_are_sent_once_and_named_by_content():
     assert blobs[one["layers"][1]["data"]] == b
     assert one["layers"][1] | {"data": None, "id": None} == {
         "data": None, "id": None, "name": "volume.nii.gz", "label": "", "colormap": "warm", "opacity": 0.3,
-        "cal_min": None, "cal_max": None, "colormap_negative": "", "colorbar": ""}
+        "cal_min": None, "cal_max": None, "colormap_negative": "", "colorbar": "", "visible": True}
     assert spec["height"] == 300 and spec["sync"] is True
     assert spec["lib"].endswith("niivue_js")
 

@@ -4,15 +4,15 @@
 // nilearn package ships (served by Streamlit as a second component folder, named in spec.lib).
 // This file speaks Streamlit's component protocol directly (postMessage), so it needs no build.
 //
-// spec (JSON) = {lib, height, sync, radiological, report, frames, panels: [{title, view, flex, show_render,
-//   layers: [{data, id, name, label, colormap, opacity, cal_min, cal_max, colormap_negative, colorbar}],
+// spec (JSON) = {lib, key, height, sync, radiological, report, screenshot, frames, panels: [{title, view, flex,
+//   show_render, layers: [{data, id, name, label, colormap, opacity, cal_min, cal_max, colormap_negative,
+//   colorbar, visible}],
 //   surfaces: [{data, id, name, rgba, opacity}]}]}; "data" names a bytes argument of the render
 //   message (gzip NIfTI for layers, MZ3 for surfaces), "id" is its content hash.
 "use strict";
 
 const VIEWS = { axial: 0, coronal: 1, sagittal: 2, multiplanar: 3, render: 4 };
-const state = { spec: null, layoutKey: null, panels: [], chain: Promise.resolve(), lib: null,
-                window: null, range: null, view: null };
+const state = { spec: null, layoutKey: null, panels: [], lib: null, window: null, range: null };
 
 function send(type, data) {
   window.parent.postMessage(Object.assign({ isStreamlitMessage: true, type: type }, data || {}), "*");
@@ -48,6 +48,90 @@ function fmt(v) {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(3) : v.toFixed(a < 10 ? 4 : 1);
 }
 
+// -------------------------------------------------------------------------------------- state
+// What the user set (view, radiological, crosshair, window/level, zoom, 3D angle, clip plane,
+// overlays) belongs to the viewer's key, not to one render: it stays in memory across renders (a new
+// sample or frame under the same key only swaps the data) and in this tab's sessionStorage, so a
+// remounted viewer (another page and back, a reload) comes back as the user left it.
+// body[data-state] mirrors it (the browser tests read it).
+
+const ui = { key: null, s: {} };
+const CLIP = { axial: [0, 90], coronal: [180, 0], sagittal: [90, 0] };  // plane normal: azimuth, elevation (deg)
+
+function uiLoad(key) {
+  if (ui.key === (key || null) && ui.loaded) return;
+  ui.key = key || null;
+  ui.loaded = true;
+  ui.s = {};
+  if (!ui.key) return;
+  try { ui.s = JSON.parse(window.sessionStorage.getItem("synthbrain-viewer:" + ui.key) || "{}") || {}; } catch (e) { ui.s = {}; }
+}
+
+let saveTimer = null;
+function uiSave() {
+  document.body.dataset.state = JSON.stringify(ui.s);
+  if (!ui.key) return;
+  clearTimeout(saveTimer);
+  saveTimer = setTimeout(uiFlush, 80);
+}
+
+function uiFlush() {
+  clearTimeout(saveTimer);
+  if (!ui.key) return;
+  try { window.sessionStorage.setItem("synthbrain-viewer:" + ui.key, JSON.stringify(ui.s)); } catch (e) { /* storage off: memory only */ }
+}
+
+function leadPanel() {
+  return state.panels.find((p) => p.nv.volumes.length) || state.panels[0];
+}
+
+function uiCapture() {
+  // crosshair and 2D zoom/pan of the lead panel, 3D angle and zoom (the panels are linked)
+  const p = leadPanel();
+  if (!p || !p.loaded) return;
+  const sc = p.nv.scene;
+  if (p.nv.volumes.length) {
+    const mm = p.nv.frac2mm(sc.crosshairPos);
+    ui.s.crosshair = [mm[0], mm[1], mm[2]];
+    ui.s.pan = Array.from(sc.pan2Dxyzmm);
+  }
+  ui.s.azimuth = sc.renderAzimuth;
+  ui.s.elevation = sc.renderElevation;
+  ui.s.zoom3d = sc.volScaleMultiplier;
+  uiSave();
+}
+
+function applyClip() {
+  const c = ui.s.clip || { axis: "off", depth: 0 };
+  const dir = CLIP[c.axis];
+  for (const p of state.panels) p.nv.setClipPlane(dir ? [c.depth, dir[0], dir[1]] : [2, 0, 0]);
+}
+
+function uiApply(spec) {
+  const s = ui.s;
+  // the session default (sidebar) wins when it changes; otherwise the viewer keeps its own toggle
+  if (s.radiological === undefined || s.radioDefault !== !!spec.radiological) s.radiological = !!spec.radiological;
+  s.radioDefault = !!spec.radiological;
+  for (const p of state.panels) {
+    const nv = p.nv, sc = nv.scene;
+    nv.opts.isRadiologicalConvention = !!s.radiological;
+    nv.setCrosshairWidth(s.crosshairOff ? 0 : 1);
+    if (nv.volumes.length) {
+      if (s.crosshair) {
+        const f = nv.mm2frac(s.crosshair);
+        if ([0, 1, 2].every((k) => Number.isFinite(f[k]) && f[k] >= 0 && f[k] <= 1)) sc.crosshairPos = new Float32Array([f[0], f[1], f[2]]);
+      }
+      if (s.pan && s.pan.length === 4) sc.pan2Dxyzmm = new Float32Array(s.pan);
+    }
+    if (Number.isFinite(s.azimuth)) { sc.renderAzimuth = s.azimuth; sc.renderElevation = s.elevation; }
+    if (Number.isFinite(s.zoom3d) && s.zoom3d > 0) sc.volScaleMultiplier = s.zoom3d;
+  }
+  applyClip();
+  applyView();
+  syncToolbar();
+  uiSave();
+}
+
 // ------------------------------------------------------------------------------------ toolbar
 
 function el(tag, attrs, children) {
@@ -59,79 +143,157 @@ function el(tag, attrs, children) {
   return e;
 }
 
-function buildToolbar(hasSlices) {
+function overlayLabels(spec) {
+  const out = [];
+  for (const p of spec.panels) for (const l of p.layers.slice(1)) {
+    const name = l.label || l.name;
+    if (!out.includes(name)) out.push(name);
+  }
+  return out;
+}
+
+function buildToolbar(spec) {
+  const hasSlices = spec.panels.some((p) => p.layers.length);
   const bar = document.getElementById("toolbar");
   bar.innerHTML = "";
-  bar.hidden = !hasSlices;
-  if (!hasSlices) return;
-  const view = el("select", { "data-control": "view", "aria-label": "view" });
-  for (const [label, v] of [["Multiplanar", "multiplanar"], ["Axial", "axial"], ["Coronal", "coronal"],
-                            ["Sagittal", "sagittal"], ["3D render", "render"]]) {
-    view.appendChild(el("option", { value: v, text: label }));
+  bar.hidden = false;
+  const items = [];
+  if (hasSlices) {
+    const view = el("select", { "data-control": "view", "aria-label": "view" });
+    for (const [label, v] of [["Multiplanar", "multiplanar"], ["Axial", "axial"], ["Coronal", "coronal"],
+                              ["Sagittal", "sagittal"], ["3D render", "render"]]) {
+      view.appendChild(el("option", { value: v, text: label }));
+    }
+    view.addEventListener("change", () => { ui.s.view = view.value; applyView(); syncToolbar(); uiSave(); });
+    const level = el("input", { type: "range", "data-control": "level", "aria-label": "level", step: "any" });
+    const width = el("input", { type: "range", "data-control": "width", "aria-label": "window width", step: "any" });
+    const levelOut = el("span", { class: "value", "data-value": "level" });
+    const widthOut = el("span", { class: "value", "data-value": "width" });
+    const onWL = () => {
+      const l = parseFloat(level.value), w = parseFloat(width.value);
+      setWindow(l - w / 2, l + w / 2, null, true);
+    };
+    level.addEventListener("input", onWL);
+    width.addEventListener("input", onWL);
+    const radio = el("input", { type: "checkbox", "data-control": "radiological" });
+    radio.addEventListener("change", () => {
+      ui.s.radiological = radio.checked;
+      for (const p of state.panels) p.nv.setRadiologicalConvention(radio.checked);
+      uiSave();
+    });
+    items.push(el("label", {}, [document.createTextNode("View"), view]),
+               el("label", { title: "window level (centre of the grey scale)" }, [document.createTextNode("Level"), level, levelOut]),
+               el("label", { title: "window width (range of the grey scale)" }, [document.createTextNode("Window"), width, widthOut]),
+               el("label", { title: "radiological convention: the subject's left on the right of the screen" },
+                  [radio, document.createTextNode("Radiological")]));
+    const cross = el("input", { type: "checkbox", "data-control": "crosshair", checked: "" });
+    cross.addEventListener("change", () => {
+      ui.s.crosshairOff = !cross.checked;
+      for (const p of state.panels) p.nv.setCrosshairWidth(cross.checked ? 1 : 0);
+      uiSave();
+    });
+    items.push(el("label", {}, [cross, document.createTextNode("Crosshair")]));
   }
-  view.addEventListener("change", () => { state.view = view.value; applyView(); });
-  const level = el("input", { type: "range", "data-control": "level", "aria-label": "level", step: "any" });
-  const width = el("input", { type: "range", "data-control": "width", "aria-label": "window width", step: "any" });
-  const levelOut = el("span", { class: "value", "data-value": "level" });
-  const widthOut = el("span", { class: "value", "data-value": "width" });
-  const onWL = () => {
-    const l = parseFloat(level.value), w = parseFloat(width.value);
-    setWindow(l - w / 2, l + w / 2, null);
-  };
-  level.addEventListener("input", onWL);
-  width.addEventListener("input", onWL);
-  const radio = el("input", { type: "checkbox", "data-control": "radiological" });
-  radio.addEventListener("change", () => {
-    for (const p of state.panels) p.nv.setRadiologicalConvention(radio.checked);
-  });
-  const cross = el("input", { type: "checkbox", "data-control": "crosshair", checked: "" });
-  cross.addEventListener("change", () => {
-    for (const p of state.panels) { p.nv.setCrosshairWidth(cross.checked ? 1 : 0); }
-  });
-  const reset = el("button", { type: "button", text: "Reset", "data-control": "reset" });
+  const labels = overlayLabels(spec);
+  if (labels.length) {
+    const boxes = labels.map((name) => {
+      const box = el("input", { type: "checkbox", "data-control": "overlay", "data-name": name });
+      box.addEventListener("change", () => {
+        ui.s.overlays = Object.assign({}, ui.s.overlays, { [name]: box.checked });
+        restyleAll(); uiSave();
+      });
+      return el("label", { title: "show or hide this overlay" }, [box, document.createTextNode(name)]);
+    });
+    const alpha = el("input", { type: "range", min: "0", max: "1", step: "0.05", "data-control": "overlay-opacity",
+                                "aria-label": "overlay opacity" });
+    alpha.addEventListener("input", () => { ui.s.overlayOpacity = parseFloat(alpha.value); restyleAll(); syncToolbar(); uiSave(); });
+    items.push(...boxes, el("label", { title: "opacity of the overlays (1 = as the page set it)" },
+                            [document.createTextNode("Opacity"), alpha, el("span", { class: "value", "data-value": "overlay-opacity" })]));
+  }
+  {  // every viewer can draw in 3D (a slice panel switches to its render)
+    const axis = el("select", { "data-control": "clip", "aria-label": "3D clip plane" });
+    for (const [label, v] of [["No clip", "off"], ["Clip axial", "axial"], ["Clip coronal", "coronal"], ["Clip sagittal", "sagittal"]]) {
+      axis.appendChild(el("option", { value: v, text: label }));
+    }
+    const depth = el("input", { type: "range", min: "-0.6", max: "0.6", step: "0.01", value: "0", "data-control": "clip-depth",
+                                "aria-label": "clip plane depth" });
+    const onClip = () => {
+      ui.s.clip = { axis: axis.value, depth: parseFloat(depth.value) };
+      if (axis.value !== "off" && hasSlices && ui.s.view !== "render" && !spec.panels.some((p) => p.show_render || !p.layers.length)) {
+        ui.s.view = "render";  // the clip plane cuts the 3D render: show it
+        applyView();
+      }
+      applyClip(); syncToolbar(); uiSave();
+    };
+    axis.addEventListener("change", onClip);
+    depth.addEventListener("input", onClip);
+    items.push(el("label", { title: "3D: cut the rendering with a plane to see inside" }, [axis, depth]));
+  }
+  const reset = el("button", { type: "button", text: "Reset", "data-control": "reset",
+                               title: "crosshair to the centre, zoom, window/level, 3D angle and clip plane back to the start" });
   reset.addEventListener("click", () => {
+    for (const k of ["crosshair", "pan", "window", "azimuth", "elevation", "zoom3d", "clip"]) delete ui.s[k];
     if (state.range) setWindow(state.range.cal_min, state.range.cal_max, null);
     for (const p of state.panels) {
-      p.nv.scene.crosshairPos = [0.5, 0.5, 0.5];
-      p.nv.scene.pan2Dxyzmm = [0, 0, 0, 1];
+      p.nv.scene.crosshairPos = new Float32Array([0.5, 0.5, 0.5]);
+      p.nv.scene.pan2Dxyzmm = new Float32Array([0, 0, 0, 1]);
+      p.nv.scene.volScaleMultiplier = 1;
+      p.nv.scene.renderAzimuth = 110; p.nv.scene.renderElevation = 10;
       p.nv.drawScene();
     }
+    applyClip(); syncToolbar(); uiSave();
     const lead = state.panels.find((p) => p.nv.volumes.length);
     if (lead) lead.nv.createOnLocationChange();
   });
-  bar.append(
-    el("label", {}, [document.createTextNode("View"), view]),
-    el("label", { title: "window level (centre of the grey scale)" }, [document.createTextNode("Level"), level, levelOut]),
-    el("label", { title: "window width (range of the grey scale)" }, [document.createTextNode("Window"), width, widthOut]),
-    el("label", { title: "radiological convention: the subject's left on the right of the screen" },
-       [radio, document.createTextNode("Radiological")]),
-    el("label", {}, [cross, document.createTextNode("Crosshair")]),
-    reset,
-    el("span", { class: "hint", text: "click: move crosshair · right-drag: window/level · scroll (after a click): slice" }),
-  );
+  const shot = el("button", { type: "button", text: "Screenshot (PNG)", "data-control": "screenshot",
+                              title: "download what the viewer shows now, as a PNG picture" });
+  shot.addEventListener("click", () => screenshot());
+  items.push(reset, shot);
+  if (hasSlices) items.push(el("span", { class: "hint", text: "click: move crosshair · right-drag: window/level · scroll (after a click): slice" }));
+  else items.push(el("span", { class: "hint", text: "drag: rotate · scroll: zoom" }));
+  bar.append(...items);
 }
 
 function syncToolbar() {
+  const q = (sel) => document.querySelector(sel);
+  const view = q("[data-control=view]");
+  if (view) view.value = ui.s.view || "multiplanar";
+  const radio = q("[data-control=radiological]");
+  if (radio) radio.checked = !!ui.s.radiological;
+  const cross = q("[data-control=crosshair]");
+  if (cross) cross.checked = !ui.s.crosshairOff;
+  for (const box of document.querySelectorAll("[data-control=overlay]")) box.checked = overlayVisible(box.dataset.name, true);
+  const alpha = q("[data-control=overlay-opacity]");
+  if (alpha) {
+    alpha.value = String(ui.s.overlayOpacity ?? 1);
+    q("[data-value=overlay-opacity]").textContent = (ui.s.overlayOpacity ?? 1).toFixed(2);
+  }
+  const clip = q("[data-control=clip]");
+  if (clip) {
+    const c = ui.s.clip || { axis: "off", depth: 0 };
+    clip.value = c.axis;
+    q("[data-control=clip-depth]").value = String(c.depth);
+    q("[data-control=clip-depth]").disabled = c.axis === "off";
+  }
   const w = state.window, r = state.range;
-  if (!w || !r) return;
-  const level = document.querySelector("[data-control=level]");
-  const width = document.querySelector("[data-control=width]");
-  if (!level) return;
+  const level = q("[data-control=level]");
+  const width = q("[data-control=width]");
+  if (!w || !r || !level) return;
   const span = Math.max(r.max - r.min, 1e-6);
   level.min = r.min; level.max = r.max; level.step = span / 500;
   width.min = span / 500; width.max = span * 2; width.step = span / 500;
   level.value = (w[0] + w[1]) / 2;
   width.value = w[1] - w[0];
-  document.querySelector("[data-value=level]").textContent = fmt((w[0] + w[1]) / 2);
-  document.querySelector("[data-value=width]").textContent = fmt(w[1] - w[0]);
-  const view = document.querySelector("[data-control=view]");
-  if (view && state.view) view.value = state.view;
+  q("[data-value=level]").textContent = fmt((w[0] + w[1]) / 2);
+  q("[data-value=width]").textContent = fmt(w[1] - w[0]);
 }
 
-// Window/level acts on the base image (layer 0) of every panel, so the panels stay comparable.
-function setWindow(lo, hi, except) {
+// Window/level acts on the base image (layer 0) of every panel, so the panels stay comparable; one
+// the user set (``user``) is kept for the next sample, a page's default is not.
+function setWindow(lo, hi, except, user) {
   if (!(hi > lo)) hi = lo + 1e-6;
   state.window = [lo, hi];
+  if (user) { ui.s.window = [lo, hi]; uiSave(); }
   for (const p of state.panels) {
     if (p === except || !p.nv.volumes.length) continue;
     const v = p.nv.volumes[0];
@@ -144,8 +306,54 @@ function setWindow(lo, hi, except) {
 function applyView() {
   for (const p of state.panels) {
     if (!p.nv.volumes.length) continue;  // a surfaces-only panel stays in 3D
-    p.nv.setSliceType(VIEWS[state.view] ?? VIEWS.multiplanar);
+    p.nv.setSliceType(VIEWS[ui.s.view] ?? VIEWS[p.spec.view] ?? VIEWS.multiplanar);
   }
+}
+
+// ----------------------------------------------------------------------------------- screenshot
+// What the viewer shows, as one PNG: every panel's canvas with its title above and its readout and
+// colour-bar line below (the titles say what kind of volume it is: synthetic, derived or real).
+// A WebGL canvas keeps its pixels only until the next frame, so each is copied right after a draw.
+
+function screenshot() {
+  const dpr = window.devicePixelRatio || 1;
+  const gap = Math.round(6 * dpr), band = Math.round(22 * dpr), font = Math.round(13 * dpr);
+  const sizes = state.panels.map((p) => [p.canvas.width, p.canvas.height]);
+  const lines = state.panels.map((p) => [p.readout.textContent.trim(), p.legend.hidden ? "" : p.legend.textContent.trim()]
+    .filter((t) => t && t !== "\u00a0"));
+  const foot = Math.max(...lines.map((l) => l.length), 0) * band;
+  const out = document.createElement("canvas");
+  out.width = sizes.reduce((a, [w]) => a + w, 0) + gap * Math.max(state.panels.length - 1, 0);
+  out.height = band + Math.max(...sizes.map(([, h]) => h)) + foot + band;
+  const g = out.getContext("2d");
+  g.fillStyle = "#fff"; g.fillRect(0, 0, out.width, out.height);
+  g.fillStyle = "#1f2430"; g.textBaseline = "middle";
+  let x = 0;
+  for (const [i, p] of state.panels.entries()) {
+    const [w, h] = sizes[i];
+    g.font = `600 ${font}px sans-serif`;
+    g.fillText(p.spec.title || "", x + 2, band / 2, w - 4);
+    p.nv.drawScene();
+    g.drawImage(p.canvas, x, band, w, h);
+    g.font = `${Math.round(font * 0.9)}px monospace`;
+    for (const [k, t] of lines[i].entries()) g.fillText(t, x + 2, band + h + band * (k + 0.5), w - 4);
+    x += w + gap;
+  }
+  g.font = `${Math.round(font * 0.85)}px sans-serif`;
+  g.fillStyle = "#555";
+  g.fillText(`SynthBrain viewer screenshot, ${new Date().toISOString().slice(0, 19).replace("T", " ")} UTC`, 2,
+             out.height - band / 2, out.width - 4);
+  out.toBlob((blob) => {
+    if (!blob) return;
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = (state.spec && state.spec.screenshot) || "synthbrain_view.png";
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+    document.body.dataset.screenshot = `${out.width}x${out.height}`;
+  }, "image/png");
 }
 
 // ------------------------------------------------------------------------------------- panels
@@ -172,11 +380,15 @@ function buildPanels(spec, NV) {
       scrollRequiresFocus: true,  // the page scrolls over the viewer until it is clicked
       multiplanarShowRender: ps.show_render ? NV.SHOW_RENDER.ALWAYS : NV.SHOW_RENDER.NEVER,
       dragMode: NV.DRAG_MODE.contrast,
-      isRadiologicalConvention: !!spec.radiological, dragAndDropEnabled: false, logLevel: "error",
+      isRadiologicalConvention: !!(ui.s.radiological ?? spec.radiological), dragAndDropEnabled: false, logLevel: "error",
       loadingText: "",
     });
-    state.panels.push({ nv, box, readout, legend, canvas, sig: null, spec: ps,
+    state.panels.push({ nv, box, readout, legend, canvas, sig: null, spec: ps, loaded: false,
                         attached: nv.attachToCanvas(canvas) });
+    // zoom, pan and 3D rotation fire no location event: read them when the user lets go
+    let t = null;
+    const later = () => { clearTimeout(t); t = setTimeout(uiCapture, 150); };
+    for (const ev of ["pointerup", "wheel", "keyup"]) canvas.addEventListener(ev, later, { passive: true });
   }
 }
 
@@ -186,6 +398,7 @@ function panelSignature(ps) {
 
 async function loadPanel(p, ps, args, NV) {
   await p.attached;
+  p.loaded = false;  // until the new data are in, the scene is not the user's (uiCapture waits)
   const nv = p.nv;
   for (const v of nv.volumes.slice().reverse()) nv.removeVolume(v);
   for (const m of nv.meshes.slice()) nv.removeMesh(m);
@@ -193,9 +406,8 @@ async function loadPanel(p, ps, args, NV) {
     const bytes = args[l.data];
     if (!bytes) throw new Error(`missing data for layer ${l.name}`);
     const img = await NV.NVImage.new(arrayBuffer(bytes), l.name, l.colormap || "gray", l.opacity ?? 1);
-    styleLayer(img, l);
+    styleLayer(img, l, k);
     nv.addVolume(img);
-    img.colorbarVisible = k > 0 && !!l.colorbar;  // the base image's grey scale needs no bar
   }
   showColorbar(p, ps);
   for (const s of ps.surfaces) {
@@ -205,13 +417,14 @@ async function loadPanel(p, ps, args, NV) {
                                           new Uint8Array(s.rgba || [220, 200, 180, 255]), true);
     nv.addMesh(mesh);
   }
-  nv.setSliceType(ps.layers.length ? (VIEWS[state.view || ps.view] ?? VIEWS.multiplanar) : VIEWS.render);
+  nv.setSliceType(ps.layers.length ? (VIEWS[ui.s.view || ps.view] ?? VIEWS.multiplanar) : VIEWS.render);
   if (!ps.layers.length) p.readout.textContent = "drag: rotate · scroll: zoom";
+  p.loaded = true;
 }
 
 function showColorbar(p, ps) {
   // NiiVue draws the bar with its values; the text beneath says what they are, in which units
-  const bars = ps.layers.slice(1).filter((l) => l.colorbar);
+  const bars = ps.layers.slice(1).filter((l) => l.colorbar && overlayVisible(l.label || l.name, l.visible));
   p.nv.opts.isColorbar = bars.length > 0;
   // the 3D render sums an overlay along each ray: at full blend a sparse map still tints every ray
   // that crosses it (the whole brain), so a mapped overlay is blended in lightly there
@@ -220,9 +433,20 @@ function showColorbar(p, ps) {
   p.legend.hidden = !bars.length;
 }
 
-function styleLayer(img, l) {
+function overlayVisible(name, byPage) {
+  const mine = (ui.s.overlays || {})[name];
+  return mine ?? (byPage ?? true);
+}
+
+function styleLayer(img, l, k) {
   img.colormap = l.colormap || "gray";
   img.opacity = l.opacity ?? 1;
+  img.colorbarVisible = false;  // the base image's grey scale needs no bar
+  if (k > 0) {  // an overlay: the toolbar shows / hides it and scales its opacity
+    const on = overlayVisible(l.label || l.name, l.visible);
+    img.opacity = on ? (l.opacity ?? 1) * (ui.s.overlayOpacity ?? 1) : 0;
+    img.colorbarVisible = on && !!l.colorbar;
+  }
   if (l.cal_min != null) img.cal_min = l.cal_min;
   if (l.cal_max != null) img.cal_max = l.cal_max;
   if (l.colormap_negative) {
@@ -237,8 +461,8 @@ function restyle(p, ps) {
   for (const [k, l] of ps.layers.entries()) {
     const img = p.nv.volumes[k];
     if (!img) continue;
-    if (k === 0 && state.window) { styleLayer(img, Object.assign({}, l, { cal_min: null, cal_max: null })); }
-    else styleLayer(img, l);
+    if (k === 0 && state.window) { styleLayer(img, Object.assign({}, l, { cal_min: null, cal_max: null }), 0); }
+    else styleLayer(img, l, k);
   }
   for (const [k, s] of ps.surfaces.entries()) {
     const m = p.nv.meshes[k];
@@ -246,6 +470,10 @@ function restyle(p, ps) {
   }
   showColorbar(p, ps);
   p.nv.updateGLVolume();
+}
+
+function restyleAll() {
+  for (const p of state.panels) if (p.loaded && p.spec.layers.length) restyle(p, p.spec);
 }
 
 function wireEvents(spec) {
@@ -260,16 +488,19 @@ function wireEvents(spec) {
       p.readout.title = p.readout.textContent;
       p.readout.dataset.mm = JSON.stringify(Array.from(mm.slice(0, 3)));
       p.readout.dataset.value = String(d.values[0]?.value);
+      uiCapture();
       setHeight();  // a readout that wraps to a second line must not be cut off by the frame
       if (spec.report && Date.now() - lastReport > 150) {
         lastReport = Date.now();
         send("streamlit:setComponentValue", { dataType: "json", value: {
-          panel: i, mm: Array.from(mm.slice(0, 3)), voxel: Array.from(vox), value: d.values[0]?.value } });
+          panel: i, mm: Array.from(mm.slice(0, 3)), voxel: Array.from(vox), value: d.values[0]?.value, state: ui.s } });
       }
     };
     p.nv.onIntensityChange = (vol) => {
-      if (p.nv.volumes[0] === vol) setWindow(vol.cal_min, vol.cal_max, p);
+      if (p.nv.volumes[0] === vol) setWindow(vol.cal_min, vol.cal_max, p, true);
     };
+    p.nv.onAzimuthElevationChange = () => uiCapture();
+    p.nv.onZoom3DChange = () => uiCapture();
   }
   const nvs = state.panels.map((p) => p.nv);
   for (const nv of nvs) nv.broadcastTo(spec.sync ? nvs.filter((o) => o !== nv) : [], { "2d": true, "3d": true });
@@ -347,13 +578,18 @@ async function render(args) {
   const NV = await loadLibrary(spec.lib);
   const layoutKey = JSON.stringify([spec.height, spec.sync, spec.panels.map((p) => [p.title, p.flex, p.view,
                                      !!p.layers.length, !!p.show_render])]);
+  uiLoad(spec.key);
+  state.spec = spec;
   const rebuild = layoutKey !== state.layoutKey;
-  if (rebuild) {
-    buildToolbar(spec.panels.some((p) => p.layers.length));
+  if (rebuild) {  // new canvases; what the user set (ui.s) stays
     buildPanels(spec, NV);
     state.layoutKey = layoutKey;
     state.window = null;
-    state.view = spec.panels.find((p) => p.layers.length)?.view || "multiplanar";
+  }
+  const toolKey = JSON.stringify([spec.panels.some((p) => p.layers.length), overlayLabels(spec)]);
+  if (rebuild || toolKey !== state.toolKey) {  // an overlay came or went: its controls too
+    buildToolbar(spec);
+    state.toolKey = toolKey;
   }
   setHeight();
   let reloaded = false;
@@ -378,7 +614,6 @@ async function render(args) {
     }
   }
   wireEvents(spec);
-  state.spec = spec;
   setupFrames(spec);
   if (reloaded || !state.window) {
     const base = state.panels.find((p) => p.nv.volumes.length)?.nv.volumes[0];
@@ -386,9 +621,12 @@ async function render(args) {
       const l0 = spec.panels.find((p) => p.layers.length).layers[0];
       state.range = { min: Math.min(base.global_min, 0), max: base.global_max,
                       cal_min: l0.cal_min ?? base.cal_min, cal_max: l0.cal_max ?? base.cal_max };
-      setWindow(state.range.cal_min, state.range.cal_max, null);
+      // the user's window/level stays for the next sample; the page's default only until then
+      const w = ui.s.window;
+      if (w) setWindow(w[0], w[1], null); else setWindow(state.range.cal_min, state.range.cal_max, null);
     }
   }
+  uiApply(spec);
   for (const p of state.panels) {
     p.nv.drawScene();
     if (p.nv.volumes.length) p.nv.createOnLocationChange();
@@ -398,15 +636,28 @@ async function render(args) {
   document.body.dataset.ready = "1";
 }
 
+// Renders run one after another, and only the newest waiting one runs: while a volume loads, the
+// renders that arrive (a dragged slider's values) replace each other, so the viewer never falls behind.
+let pending = null, rendering = false;
+async function pump() {
+  rendering = true;
+  while (pending) {
+    const args = pending;
+    pending = null;
+    try { await render(args); } catch (err) {
+      document.getElementById("status").textContent = "Viewer error: " + (err.message || err);
+      document.body.dataset.ready = "error";
+      setHeight();
+    }
+  }
+  rendering = false;
+}
 window.addEventListener("message", (event) => {
   const msg = event.data;
   if (!msg || msg.type !== "streamlit:render") return;
-  // renders run one after another: a newer render waits for the previous load to finish
-  state.chain = state.chain.then(() => render(msg.args)).catch((err) => {
-    document.getElementById("status").textContent = "Viewer error: " + (err.message || err);
-    document.body.dataset.ready = "error";
-    setHeight();
-  });
+  pending = msg.args;
+  if (!rendering) pump();
 });
+window.addEventListener("pagehide", () => { uiCapture(); uiFlush(); });
 window.addEventListener("resize", () => { for (const p of state.panels) p.nv.resizeListener?.(); });
 send("streamlit:componentReady", { apiVersion: 1 });
