@@ -172,11 +172,13 @@ def measure(
 def preprocess(
     data: Path = typer.Argument(..., help="BIDS dataset folder (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
     grid: str = GridOpt,
+    schema: Path | None = typer.Option(None, "--schema", help="JSON file declaring the cohort's conditions "
+                                       "(as for train); default: age, sex, ventricular_volume, brain_volume"),
 ) -> None:
     """Preprocess a BIDS dataset onto a grid (cached under derivatives/synthbrain/)."""
-    from synthbrain.data.bids import BIDSDataset
+    from synthbrain.data.bids import BIDSDataset, schema_for_dataset
 
-    ds = BIDSDataset(data, grid=grid)
+    ds = BIDSDataset(data, grid=grid, schema=schema_for_dataset(data, schema_file=schema))
     with progress(f"preprocess ({grid})") as on_step:
         ds.prepare(on_step)
     typer.echo(f"preprocessed {len(ds)} subjects into {data / 'derivatives' / 'synthbrain'}")
@@ -213,6 +215,11 @@ def prepare(
         raise typer.Exit(1)
 
 
+SchemaOpt = typer.Option(None, "--schema", help="JSON file declaring the cohort's conditions (participants.tsv "
+                         "columns: name, kind, unit, range, levels; see the README); default: age, sex, "
+                         "ventricular_volume, brain_volume")
+
+
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(
     data: Path = typer.Option(..., "--data", help="BIDS dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
@@ -223,13 +230,15 @@ def train_autoencoder_cmd(
     config: Path | None = typer.Option(None, "--config", help="JSON with train / model / loss sections"),
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+    schema: Path | None = SchemaOpt,
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
     from synthbrain.training.autoencoder import train_autoencoder
 
     with progress("train autoencoder") as on_step:
         bundle = train_autoencoder(data, out, grid=grid, steps=steps, resume=resume, config_file=config,
-                                   device=device, on_step=on_step, extra_conditions=condition)
+                                   device=device, on_step=on_step, extra_conditions=condition,
+                                   schema_file=schema)
     _rank0_echo(f"bundle written to {bundle}")
 
 
@@ -250,13 +259,14 @@ def train_prior_cmd(
     config: Path | None = typer.Option(None, "--config", help="JSON with train / model sections"),
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+    schema: Path | None = SchemaOpt,
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
     from synthbrain.training.prior import train_prior
 
     with progress("train prior") as on_step:
         out_bundle = train_prior(bundle, data, out, steps=steps, resume=resume, config_file=config, device=device,
-                                 on_step=on_step, extra_conditions=condition)
+                                 on_step=on_step, extra_conditions=condition, schema_file=schema)
     _rank0_echo(f"bundle written to {out_bundle}")
 
 
@@ -577,12 +587,13 @@ def tune_autoencoder_cmd(
     seed: int | None = TuneSeedOpt,
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+    schema: Path | None = SchemaOpt,
 ) -> None:
     """Search learning rate, width, codebook size and dimension and loss weights of the VQ-VAE: short
     trials, pruned on validation PSNR; the best config goes to OUT/best-config.json."""
     _tune("autoencoder", out, data=data, trials=trials, storage=storage, study_name=study, budget_steps=budget_steps,
           base_config=config, grid=grid, reports=reports, pruner=pruner, seed=seed, device=device,
-          extra_conditions=condition)
+          extra_conditions=condition, schema_file=schema)
 
 
 @tune_app.command("prior")
@@ -600,12 +611,13 @@ def tune_prior_cmd(
     seed: int | None = TuneSeedOpt,
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
+    schema: Path | None = SchemaOpt,
 ) -> None:
     """Search learning rate, UNet width, attention levels, residual blocks and condition dropout of the
     prior: short trials, pruned on the validation loss; the best config goes to OUT/best-config.json."""
     _tune("prior", out, data=data, bundle=bundle, trials=trials, storage=storage, study_name=study,
           budget_steps=budget_steps, base_config=config, reports=reports, pruner=pruner, seed=seed, device=device,
-          extra_conditions=condition)
+          extra_conditions=condition, schema_file=schema)
 
 
 @app.command("app")

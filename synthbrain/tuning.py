@@ -231,12 +231,12 @@ def _quiet_optuna() -> Iterator[None]:
 def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, storage: str | None = None,
          study_name: str | None = None, base_config: Path | None = None, grid: str = "demo",
          bundle: str | Path | None = None, device: str | None = None, extra_conditions=(),
-         on_step: OnStep | None = None, pruner=None) -> dict:
+         on_step: OnStep | None = None, pruner=None, schema_file: str | Path | None = None) -> dict:
     """Run ``settings.trials`` trials of the study ``study_name`` in ``storage`` (default: a SQLite file
     ``out/study.db``), then write the summary; returns it (see the module docstring)."""
     import optuna
 
-    from synthbrain.data.bids import BIDSDataset
+    from synthbrain.data.bids import BIDSDataset, schema_for_dataset
     from synthbrain.training.autoencoder import AutoencoderTraining
     from synthbrain.training.config import load_config_file
     from synthbrain.training.distributed import DistContext
@@ -261,7 +261,8 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
         from synthbrain.bundle import read_config
 
         grid = read_config(Path(bundle))["grid"]["name"]
-    dataset = BIDSDataset(data, grid=grid)  # a bad dataset fails here, once, not in every trial
+    schema = schema_for_dataset(data, extra_conditions, schema_file=schema_file)
+    dataset = BIDSDataset(data, grid=grid, schema=schema)  # a bad dataset fails here, once, not in every trial
     if dist.is_main:
         dataset.prepare()
     meta = {"stage": stage, "data": str(Path(data).resolve()), "grid": grid, "budget_steps": settings.budget_steps,
@@ -298,7 +299,7 @@ def tune(stage: str, data: str | Path, out: str | Path, settings: TuneSettings, 
 
         try:
             _train(stage, data, run_dir, grid, bundle, run_dir / "config.json", device, extra_conditions,
-                   on_train_step, on_validate)
+                   on_train_step, on_validate, schema_file)
         finally:
             if dist.is_main:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -351,12 +352,14 @@ def _process_group(dist, device: str | None) -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-def _train(stage, data, run_dir, grid, bundle, config_file, device, extra_conditions, on_step, on_validate):
+def _train(stage, data, run_dir, grid, bundle, config_file, device, extra_conditions, on_step, on_validate,
+           schema_file=None):
     if stage == "autoencoder":
         from synthbrain.training.autoencoder import train_autoencoder
 
         return train_autoencoder(data, run_dir, grid=grid, config_file=config_file, device=device, on_step=on_step,
-                                 extra_conditions=extra_conditions, on_validate=on_validate)
+                                 extra_conditions=extra_conditions, on_validate=on_validate,
+                                 schema_file=schema_file)
     from synthbrain.training.prior import train_prior
 
     shared = run_dir.parent.parent / "latents.safetensors"  # encode the dataset once for every trial
@@ -365,7 +368,7 @@ def _train(stage, data, run_dir, grid, bundle, config_file, device, extra_condit
         with contextlib.suppress(OSError):
             own.hardlink_to(shared)
     result = train_prior(bundle, data, run_dir, config_file=config_file, device=device, on_step=on_step,
-                         extra_conditions=extra_conditions, on_validate=on_validate)
+                         extra_conditions=extra_conditions, on_validate=on_validate, schema_file=schema_file)
     if own.is_file() and not shared.exists():
         with contextlib.suppress(OSError):
             shared.hardlink_to(own)

@@ -254,3 +254,78 @@ def private_bundle(tmp_path_factory, tiny_bundle, tiny_cohort) -> Path:
     cfg = json.loads(json.dumps(TINY_PRIOR))
     cfg["train"].update(val_fraction=0.4, val_every=0)
     return train_prior(tiny_bundle, data, base / "prior", config_file=write_json(base / "p.json", cfg))
+
+
+# a cohort's own conditions, as a schema file declares them (no volumes: a real cohort's participants.tsv
+# rarely has them); sex is coded 1/2 in the table, as in many spreadsheets
+DIAGNOSIS_SCHEMA = {"conditions": [
+    {"name": "age", "kind": "continuous", "unit": "years", "range": [18, 100], "description": "age at scan"},
+    {"name": "sex", "kind": "binary", "levels": ["F", "M"], "codes": {"1": "M", "2": "F"}},
+    {"name": "diagnosis", "kind": "categorical", "levels": ["CN", "MCI", "AD"], "label": "Diagnosis",
+     "description": "clinical group"},
+]}
+DIAGNOSES = ("CN", "MCI", "AD")
+
+
+def write_tsv(path: Path, rows: list[dict]) -> Path:
+    cols = list(rows[0])
+    path.write_text("\t".join(cols) + "\n" + "".join("\t".join(str(r[c]) for c in cols) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def diagnosis_bundle(tmp_path_factory, tiny_bundle) -> SimpleNamespace:
+    """A tiny prior trained by the real command line (``synthbrain train prior --schema``) on the tiny
+    cohort with a diagnosis column, on ``tiny_bundle``'s autoencoder. The phantom's own diagnoses are all
+    CN at this size, so the table assigns CN, MCI, AD in turn (the images do not follow them: this
+    checks the plumbing, not the anatomy). Read-only."""
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("diagnosis_bundle")
+    data = shutil.copytree(tiny_bundle.parents[1] / "data", base / "data")  # with its preprocessed cache
+    from synthbrain.data.bids import read_tsv
+
+    rows = [{"participant_id": r["participant_id"], "age": r["age"], "sex": "1" if r["sex"] == "M" else "2",
+             "diagnosis": DIAGNOSES[i % 3], "site": "A"} for i, r in enumerate(read_tsv(data / "participants.tsv"))]
+    write_tsv(data / "participants.tsv", rows)
+    schema = write_json(base / "schema.json", DIAGNOSIS_SCHEMA)
+    cmd = [sys.executable, "-m", "synthbrain", "train", "prior", "--bundle", str(tiny_bundle), "--data", str(data),
+           "--schema", str(schema), "--config", str(write_json(base / "prior.json", TINY_PRIOR)),
+           "--device", "cpu", "--out", str(base / "run")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, check=False)
+    assert r.returncode == 0, r.stderr
+    return SimpleNamespace(bundle=base / "run" / "bundle", data=data, schema=schema, rows=rows)
+
+
+# ------------------------------------------------------------------------------- worker processes
+
+
+class _PoolTasks(list):
+    """(max_workers, last argument) of every task submitted to a module's ``ProcessPoolExecutor``."""
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__()
+        self._monkeypatch = monkeypatch
+
+    def watch(self, module) -> None:
+        real, tasks = module.ProcessPoolExecutor, self
+
+        def pool(*args, **kwargs):
+            p = real(*args, **kwargs)
+            submit = p.submit
+
+            def counted(fn, *a, **k):
+                tasks.append((kwargs["max_workers"], a[-1]))
+                return submit(fn, *a, **k)
+
+            p.submit = counted
+            return p
+
+        self._monkeypatch.setattr(module, "ProcessPoolExecutor", pool)
+
+
+@pytest.fixture
+def pool_tasks(monkeypatch) -> _PoolTasks:
+    """``pool_tasks.watch(module)``, then the tasks that ``module`` handed to worker processes."""
+    return _PoolTasks(monkeypatch)

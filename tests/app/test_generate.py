@@ -215,3 +215,20 @@ def test_models_folder_bundles_are_offered(monkeypatch, tmp_path):
     box.select(str(good)).run()
     assert not at.exception
     assert any("autoencoder.safetensors is missing" in e.value for e in at.error)
+
+
+def test_a_categorical_condition_is_a_select_box_that_reaches_the_sampler(monkeypatch, diagnosis_bundle):
+    """A bundle trained with a cohort's schema file (age, coded sex, diagnosis; no volumes): the page
+    builds its controls from that schema, a select box for the diagnosis."""
+    monkeypatch.setenv("SYNTHBRAIN_BUNDLE", str(diagnosis_bundle.bundle))
+    at = open_page("generate")
+    assert not at.exception
+    box = next(s for s in at.sidebar.selectbox if s.label == "Diagnosis")
+    assert list(box.options) == ["CN", "MCI", "AD"] and box.value == "CN"
+    assert not any(r.key == "gen_volume_mode" for r in at.sidebar.radio)  # no volumes in this schema
+    box.select("AD").run()
+    at = generate(at, steps=2)
+    assert not at.exception
+    (item,) = at.session_state["gen_gallery"]
+    assert item.sample.conditions["diagnosis"] == "AD"
+    assert "diagnosis AD" in texts(at)
