@@ -4,8 +4,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_support import viewer
+from app_support import jobs, uploads, viewer
 
+uploads.install()  # bound the server's upload memory (app_support/uploads.py); a no-op once done
+jobs.lower_script_priority()  # this run's thread yields the CPU to the server's event loop (jobs.py)
 # a local file, not a ":material/...:" icon: Streamlit fetches those favicons from Google's servers
 st.set_page_config(page_title="SynthBrain", page_icon=str(Path(__file__).parent / "app_support" / "favicon.png"),
                    layout="wide")
