@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .e2e_helpers import canvas_pixels, open_app_page, until, viewer_frame, wait_drawn, wait_for_script
+from .e2e_helpers import VIEWER_FRAME, canvas_pixels, open_app_page, until, viewer_frame, wait_drawn, wait_for_script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,6 +29,11 @@ def test_a_deep_link_on_a_fresh_server_gets_the_app(page, server):
 
 
 def test_generate_draws_the_brain(page, server):
+    """Generate draws the sample; the viewer's readout, window/level and radiological switch; its state
+    survives a sidebar change and a new sample; its PNG screenshot, measured-mask overlays with colour
+    bars and opacity, and the 3D clip plane."""
+    from PIL import Image
+
     open_app_page(page, server.url)
     assert "not a scan of any person" in page.inner_text("body")
 
@@ -77,6 +82,60 @@ def test_generate_draws_the_brain(page, server):
     plain = canvas_pixels(canvas)
     frame.locator("[data-control=radiological]").check()
     until(lambda: np.abs(canvas_pixels(canvas).astype(int) - plain).mean() > 2, "radiological view mirrors")
+
+    # the viewer keeps radiological, the crosshair and window/level across a sidebar change and a new
+    # sample (the same element gets the new brain)
+    iframe = page.locator(VIEWER_FRAME).first.element_handle()
+    cross = lambda: np.array(json.loads(readout.get_attribute("data-mm")))  # noqa: E731
+    start = cross()
+    page.mouse.click(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.4)
+    until(lambda: not np.allclose(cross(), start), "the crosshair moves to the click")
+    clicked = cross()
+    level = float(frame.locator("[data-control=level]").input_value())
+    state = lambda: json.loads(frame.locator("body").get_attribute("data-state"))  # noqa: E731
+    until(lambda: state().get("radiological") is True and state().get("window"), "the state is recorded")
+
+    steps = page.locator('[data-testid="stSlider"]').filter(has_text="Denoising steps").locator("input[type=range]")
+    steps.focus()
+    steps.press("ArrowRight")
+    wait_for_script(page)
+    revision = frame.locator("body").get_attribute("data-revision")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text("Sample 2", exact=True).wait_for(timeout=120_000)
+    wait_for_script(page)
+    until(lambda: frame.locator('body[data-ready="1"]').get_attribute("data-revision") != revision,
+          "the new sample is in the viewer")
+    assert page.evaluate("([a, b]) => a === b", [iframe, page.locator(VIEWER_FRAME).first.element_handle()])
+    assert frame.locator("[data-control=radiological]").is_checked()
+    np.testing.assert_allclose(cross(), clicked, atol=1e-3)
+    assert float(frame.locator("[data-control=level]").input_value()) == pytest.approx(level, rel=1e-3)
+    assert state()["radiological"] is True and np.allclose(state()["crosshair"], clicked, atol=1e-3)
+
+    # the screenshot is what the viewer shows, named with the kind of volume
+    with page.expect_download() as dl:
+        frame.locator("[data-control=screenshot]").click()
+    assert "synthetic" in dl.value.suggested_filename and dl.value.suggested_filename.endswith(".png")
+    shot = np.asarray(Image.open(dl.value.path()).convert("RGB"))
+    assert shot.shape[1] >= box["width"] and (shot.max(axis=2) > 40).mean() > 0.05
+
+    # what was measured, as overlays with colour bars; the toolbar's opacity changes the slices
+    page.get_by_text("Overlay what was measured (brain, ventricles)").click()
+    wait_for_script(page)
+    legend = frame.locator('[data-legend="0"]')
+    until(lambda: "ventricular volume (mL)" in legend.inner_text(), "the masks' colour bars")
+    assert frame.locator("[data-control=radiological]").is_checked()  # the same viewer, a layer more
+    with_masks = wait_drawn(canvas, "slices with masks")
+    frame.locator("[data-control=overlay-opacity]").evaluate(
+        "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+    until(lambda: np.abs(canvas_pixels(canvas).astype(int) - with_masks).mean() > 1, "opacity 0 hides the masks")
+
+    # the clip plane cuts the 3D rendering
+    frame.locator("[data-control=view]").select_option("render")
+    whole = wait_drawn(canvas, "3D render")
+    frame.locator("[data-control=clip]").select_option("coronal")
+    until(lambda: np.abs(canvas_pixels(canvas).astype(int) - whole).mean() > 1, "the clip plane cuts the 3D render")
+    assert state()["clip"]["axis"] == "coronal" and state()["view"] == "render"
+    page.screenshot(path="/tmp/synthbrain-e2e-viewer-state.png")
 
 
 def upload_on_compare(page, server, path) -> None:
@@ -138,3 +197,4 @@ def test_compare_bad_upload_shows_the_error(page, server, tmp_path):
     body = page.inner_text("body")
     assert "Traceback" not in body
     assert page.get_by_role("button", name="Reconstruct").is_disabled()
+

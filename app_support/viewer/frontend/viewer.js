@@ -210,7 +210,7 @@ function buildToolbar(spec) {
     items.push(...boxes, el("label", { title: "opacity of the overlays (1 = as the page set it)" },
                             [document.createTextNode("Opacity"), alpha, el("span", { class: "value", "data-value": "overlay-opacity" })]));
   }
-  {  // every viewer can draw in 3D (a slice panel switches to its render)
+  if (hasSlices) {  // NiiVue clips volume renderings (not meshes): a slice panel switches to its render
     const axis = el("select", { "data-control": "clip", "aria-label": "3D clip plane" });
     for (const [label, v] of [["No clip", "off"], ["Clip axial", "axial"], ["Clip coronal", "coronal"], ["Clip sagittal", "sagittal"]]) {
       axis.appendChild(el("option", { value: v, text: label }));
