@@ -96,6 +96,16 @@ def test_generate_shows_the_sample_in_the_viewer(bundle):
     labels = [b.label for b in at.get("download_button")]
     assert any("NIfTI" in label for label in labels) and any("png" in label for label in labels)
 
+    # what was measured, as overlays on request: the voxel fractions the measured volumes sum, with colour bars
+    assert len(main.panels[0]["layers"]) == 1
+    at.toggle(key="gen_masks").set_value(True).run()
+    main = viewer_calls(at)[0]
+    assert main.spec["key"] == "gen_viewer" and len(main.panels[0]["layers"]) == 3
+    for k, name in ((1, "brain_volume"), (2, "ventricular_volume")):
+        total = float(nifti_array(main.volume(0, k)).sum()) * bundle.grid.voxel_volume_ml
+        assert total == pytest.approx(item.measured[name], rel=1e-3), name
+        assert "(mL)" in main.panels[0]["layers"][k]["colorbar"]
+
 
 def test_same_seed_same_brain_new_seed_new_brain():
     at = generate(open_page("generate"), seed=11)

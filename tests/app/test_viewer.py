@@ -36,3 +36,23 @@ def test_frontend_and_niivue_are_installed():
     # the names viewer.js uses from NiiVue's public API
     for name in ("Niivue", "NVImage", "NVMesh", "broadcastTo", "setRadiologicalConvention", "SHOW_RENDER"):
         assert name in js, name
+
+
+def test_the_sessions_radiological_default_reaches_every_viewer_by_key():
+    """The sidebar toggle (app.py calls preferences()) is the default of every viewer that does not set
+    its own; each viewer's spec names its key (the frontend keeps the user's state under it)."""
+    from streamlit.testing.v1 import AppTest
+
+    from .app_helpers import viewer_calls
+
+    def page():
+        from app_support.viewer import Layer, Panel, preferences, viewer
+
+        preferences()
+        viewer([Panel("a", layers=(Layer(b"x"),))], key="one")
+        viewer([Panel("b", layers=(Layer(b"y"),))], key="two", radiological=False)
+
+    at = AppTest.from_function(page).run()
+    assert [(c.spec["key"], c.spec["radiological"]) for c in viewer_calls(at)] == [("one", False), ("two", False)]
+    at.sidebar.toggle[0].set_value(True).run()
+    assert [(c.spec["key"], c.spec["radiological"]) for c in viewer_calls(at)] == [("one", True), ("two", False)]
