@@ -117,7 +117,6 @@ def trained_steps(bundle: Path, stage: str) -> int:
 def check(plan: Plan, work: Path) -> None:
     import torch
 
-    from synthbrain.data.bids import BIDSDataset
     from synthbrain.data.cohort import generate_cohort
     from synthbrain.training.autoencoder import train_autoencoder
     from synthbrain.training.prior import train_prior
@@ -129,9 +128,8 @@ def check(plan: Plan, work: Path) -> None:
         cfg[name].write_text(json.dumps(c))
 
     def cohort(grid: str, n: int) -> Path:
-        root = generate_cohort(work / f"cohort-{grid}-{n}", n=n, grid=grid, seed=1)
-        BIDSDataset(root, grid=grid).prepare()
-        return root
+        # preprocessed by the cohort itself: no registration check, so no SimpleITK (the device lacks it)
+        return generate_cohort(work / f"cohort-{grid}-{n}", n=n, grid=grid, seed=1, jobs=min(n, 3), preprocess=True)
 
     data = m(f"phantom cohort, {plan.subjects} subjects, {plan.grid} grid (CPU)", lambda: cohort(plan.grid,
                                                                                                plan.subjects))

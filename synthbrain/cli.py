@@ -113,13 +113,17 @@ def cohort(
     seed: int = typer.Option(0, "--seed", help="same seed, same cohort (byte for byte)"),
     out: Path = OutOpt(..., "folder for the BIDS dataset"),
     only: str | None = typer.Option(None, "--only", help="comma-separated labels: write just these subjects"),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="subjects rendered at once (processes; same files)"),
+    preprocess: bool = typer.Option(False, "--preprocess", help="also write the preprocessed derivatives on "
+                                    "--grid (no alignment check or registration: the phantom is made in MNI space)"),
 ) -> None:
     """Generate a phantom BIDS cohort from the MNI152 template (known true volumes)."""
     from synthbrain.data.cohort import generate_cohort
 
     labels = [s.strip() for s in only.split(",") if s.strip()] if only else None
     with progress(f"cohort ({grid})") as on_step:
-        path = generate_cohort(out, n=n, grid=grid, seed=seed, on_step=on_step, only=labels)
+        path = generate_cohort(out, n=n, grid=grid, seed=seed, on_step=on_step, only=labels, jobs=jobs,
+                               preprocess=preprocess)
     typer.echo(f"wrote {len(labels) if labels else n} phantom subjects to {path}")
 
 
@@ -172,6 +176,7 @@ def measure(
 def preprocess(
     data: Path = typer.Argument(..., help="BIDS dataset folder (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
     grid: str = GridOpt,
+    jobs: int = typer.Option(1, "--jobs", min=1, help="subjects preprocessed at once (processes)"),
     schema: Path | None = typer.Option(None, "--schema", help="JSON file declaring the cohort's conditions "
                                        "(as for train); default: age, sex, ventricular_volume, brain_volume"),
 ) -> None:
@@ -180,7 +185,7 @@ def preprocess(
 
     ds = BIDSDataset(data, grid=grid, schema=schema_for_dataset(data, schema_file=schema))
     with progress(f"preprocess ({grid})") as on_step:
-        ds.prepare(on_step)
+        ds.prepare(on_step, jobs=jobs)
     typer.echo(f"preprocessed {len(ds)} subjects into {data / 'derivatives' / 'synthbrain'}")
 
 

@@ -21,7 +21,7 @@ from synthbrain.data.bids import (
 )
 from synthbrain.data.preprocess import preprocess
 from synthbrain.errors import DatasetError
-from synthbrain.grids import DEMO
+from synthbrain.grids import DEMO, get_grid
 from synthbrain.io import read_volume, sidecar_path
 
 
@@ -108,6 +108,33 @@ def test_prepare_preprocesses_every_subject_and_reports_progress(cohort_copy):
     assert steps == [(1, 2, "sub-0001"), (2, 2, "sub-0002")]
     assert all(_cache(cohort_copy, label).is_file() for label in cohort_copy.labels[:2])
     assert not _cache(cohort_copy, cohort_copy.labels[2]).exists()
+
+
+def test_preprocess_jobs_write_what_one_process_writes(tiny_cohort, tmp_path, pool_tasks):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from synthbrain.cli import app
+    from synthbrain.data import bids
+
+    labels = tiny_cohort.labels[:3]
+    serial = shutil.copytree(tiny_cohort.root, tmp_path / "serial")
+    parallel = shutil.copytree(tiny_cohort.root, tmp_path / "parallel")
+    rows = (parallel / "participants.tsv").read_text().splitlines(keepends=True)
+    (parallel / "participants.tsv").write_text("".join(rows[:4]))  # the header and the first 3 subjects
+    BIDSDataset(serial, grid="tiny", subjects=labels).prepare()
+    pool_tasks.watch(bids)
+    result = CliRunner().invoke(app, ["preprocess", str(parallel), "--grid", "tiny", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert sorted(pool_tasks) == [(2, label) for label in labels]  # each subject in a pool of 2 workers
+    grid = get_grid("tiny")
+    for label in labels:
+        a, b = derivative_path(serial, label, grid), derivative_path(parallel, label, grid)
+        assert a.read_bytes() == b.read_bytes()
+        assert json.loads(sidecar_path(a).read_text()) == json.loads(sidecar_path(b).read_text())
+    with pytest.raises(DatasetError, match="--jobs"):
+        BIDSDataset(parallel, grid="tiny").prepare(jobs=0)
 
 
 def test_fingerprint_changes_with_the_data(cohort_copy):

@@ -147,6 +147,51 @@ def test_same_seed_gives_byte_identical_files(tmp_path, phantom_cohort):
             assert files_a[path.relative_to(phantom_cohort.root).as_posix()] == path.read_bytes()
 
 
+def test_jobs_render_in_worker_processes_and_write_the_same_files(tmp_path, tiny_cohort, pool_tasks):
+    from synthbrain.data import cohort as cohort_module
+    from synthbrain.data.bids import read_tsv
+
+    pool_tasks.watch(cohort_module)
+    steps = []
+    only = ["sub-0002", "sub-0009"]
+    out = generate_cohort(tmp_path / "par", n=tiny_cohort.n, grid="tiny", seed=tiny_cohort.seed, only=only, jobs=2,
+                          on_step=lambda i, n, info: steps.append((i, n)))
+    assert sorted(pool_tasks) == [(2, 1), (2, 8)]  # both subjects went to a pool of 2 workers
+    assert steps == [(1, 2), (2, 2)]
+    files = _files(out)
+    for label in only:
+        for path in (tiny_cohort.t1w(label), tiny_cohort.dseg(label), sidecar_path(tiny_cohort.t1w(label))):
+            assert files[path.relative_to(tiny_cohort.root).as_posix()] == path.read_bytes()
+    # rows in the cohort's order, equal to the serial cohort's rows, whatever order the workers finished in
+    rows = {r["participant_id"]: r for r in tiny_cohort.participants()}
+    assert read_tsv(out / "participants.tsv") == [rows[label] for label in only]
+    with pytest.raises(ConfigError, match="--jobs"):
+        generate_cohort(tmp_path / "bad", n=2, grid="tiny", jobs=0)
+
+
+def test_preprocess_writes_the_derivatives_without_the_alignment_check(tmp_path, monkeypatch):
+    """The cohort's own derivatives need no registration (SimpleITK, which the GPU machine lacks)."""
+    from synthbrain.data import prepare
+    from synthbrain.data.bids import derivative_path
+    from synthbrain.data.cohort import PREPARED_NOTE
+    from synthbrain.data.preprocess import preprocess
+    from synthbrain.grids import get_grid
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the alignment check ran")
+
+    monkeypatch.setattr(prepare, "require_prepared", refuse)
+    steps = []
+    out = generate_cohort(tmp_path / "c", n=1, grid="tiny", seed=2, preprocess=True,
+                          on_step=lambda i, n, info: steps.append(info["subject"]))
+    assert steps == ["sub-0001", "sub-0001"]  # rendered, then preprocessed
+    # the derivative is what preprocessing makes of the T1w as written, marked as not checked
+    derived = derivative_path(out, "sub-0001", get_grid("tiny"))
+    expected, _ = preprocess(read_volume(out / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz"), "tiny")
+    assert np.array_equal(read_volume(derived).data, expected.data)
+    assert json.loads(sidecar_path(derived).read_text())["PreparedCheck"] == {"Skipped": PREPARED_NOTE}
+
+
 def test_different_seed_gives_different_subjects(tmp_path, phantom_cohort):
     other = generate_cohort(tmp_path / "other", n=1, seed=phantom_cohort.seed + 1)
     label = phantom_cohort.labels[0]

@@ -160,10 +160,11 @@ class BIDSDataset:
     def conditions(self, index: int) -> np.ndarray:
         return self.schema.encode(self.subjects[index].values)
 
-    def preprocessed_path(self, index: int) -> Path:
+    def preprocessed_path(self, index: int, known_prepared: str | None = None) -> Path:
         """Preprocess subject ``index`` onto the grid unless a cache with the same source exists (as
         ``synthbrain prepare`` writes one). A T1w that is not prepared (not in MNI space, or with a skull)
-        is refused with a message that says to run ``synthbrain prepare``."""
+        is refused with a message that says to run ``synthbrain prepare``. ``known_prepared`` (why, for
+        the sidecar) skips that check for volumes their producer made in MNI space (the phantom cohort)."""
         from synthbrain.data.prepare import require_prepared
         from synthbrain.data.preprocess import preprocess
         from synthbrain.export import REAL, kind, sidecar
@@ -181,24 +182,27 @@ class BIDSDataset:
                 pass  # a damaged sidecar: preprocess again
         try:
             scan = read_volume(s.t1w)
-            checked = require_prepared(scan, self.grid)  # nothing unaligned or with a skull reaches a model
+            # nothing unaligned or with a skull reaches a model
+            checked = (require_prepared(scan, self.grid).to_dict() if known_prepared is None
+                       else {"Skipped": known_prepared})
             vol, info = preprocess(scan, self.grid)
         except SynthBrainError as e:
             raise DatasetError(f"{s.label}: {e}") from None
         write_volume(out, vol, description=kind(REAL).description,
                      sidecar=sidecar(REAL, {"SourceFingerprint": source, "Sources": [str(s.t1w.relative_to(self.root))],
                                             "SpatialReference": SPACE, **info.to_dict(),
-                                            "PreparedCheck": checked.to_dict()}))
+                                            "PreparedCheck": checked}))
         return out
 
-    def prepare(self, on_step: OnStep | None = None, jobs: int = 1) -> None:
+    def prepare(self, on_step: OnStep | None = None, jobs: int = 1, known_prepared: str | None = None) -> None:
         """Preprocess every subject now (cached ones are skipped), ``jobs`` subjects at a time in worker
-        processes (the files are the same as one process writes)."""
+        processes (the files are the same as one process writes); ``known_prepared``: see
+        :meth:`preprocessed_path`."""
         if jobs < 1:
             raise DatasetError(f"--jobs must be >= 1, got {jobs}")
         if jobs == 1 or len(self) <= 1:
             for i in range(len(self)):
-                self.preprocessed_path(i)
+                self.preprocessed_path(i, known_prepared)
                 if on_step is not None:
                     on_step(i + 1, len(self), {"subject": self.subjects[i].label})
             return
@@ -210,8 +214,8 @@ class BIDSDataset:
         load_template(self.grid)  # builds the on-disk cache once, before the workers read it
         # spawn: a forked child would inherit the parent's torch thread pool in whatever state
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(self)), mp_context=ctx, initializer=_worker_init) as pool:
-            futures = {pool.submit(_preprocess_one, self.root, self.grid, self.schema, s.label): s.label
+        with ProcessPoolExecutor(max_workers=min(jobs, len(self)), mp_context=ctx) as pool:
+            futures = {pool.submit(_preprocess_one, self.root, self.grid, self.schema, known_prepared, s.label): s.label
                        for s in self.subjects}
             for k, f in enumerate(as_completed(futures)):
                 f.result()
@@ -245,14 +249,8 @@ class BIDSDataset:
                 "phantom": "Phantom" in desc, "generated_by": made_by, "sha256": h.hexdigest()}
 
 
-def _preprocess_one(root: Path, grid: Grid, schema: ConditionSchema, label: str) -> None:
-    BIDSDataset(root, grid=grid, schema=schema, subjects=[label]).preprocessed_path(0)
-
-
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one subject per core: the workers, not torch, use the machine's cores
+def _preprocess_one(root: Path, grid: Grid, schema: ConditionSchema, known_prepared: str | None, label: str) -> None:
+    BIDSDataset(root, grid=grid, schema=schema, subjects=[label]).preprocessed_path(0, known_prepared)
 
 
 def split_subjects(labels: Sequence[str], val_fraction: float = 0.1, seed: int = 0,

@@ -35,6 +35,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,7 @@ HEAD_SCALE = {"F": 0.885, "M": 0.92}
 DSEG_LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "ventricles"}
 PHANTOM_NOTE = ("Phantom data: every subject is the MNI152 2009 template deformed by a simple ageing model. "
                 "It is not a real person and not a realistic population.")
+PREPARED_NOTE = "phantom made in MNI152 space by synthbrain cohort (brain only, aligned by construction)"
 _LAMBDA_MM = 10.0        # decay length of the ventricular push into the surrounding tissue
 _ALPHAS = (-3.0, -1.5, 0.0, 2.0, 4.0, 6.0, 8.0, 11.0)  # velocity magnitudes (mm) of the calibration table
 
@@ -281,12 +283,45 @@ PARTICIPANT_COLUMNS = {
 }
 
 
+def _write_subject(out: Path, grid: Grid, seed: int, index: int) -> dict:
+    """Render subject ``index`` of the cohort ``seed`` and write its T1w, sidecar and label map;
+    returns its participants.tsv row. A pure function of its arguments (it runs in worker processes)."""
+    from synthbrain.io import Volume, write_volume
+
+    params = sample_subject(seed, index)
+    subj = render_subject(params, grid)
+    sid = f"sub-{params.participant_id}"
+    sidecar = {"Phantom": PHANTOM_NOTE, "Space": SPACE, "Grid": grid.name, "Parameters": asdict(params),
+               "VentricleVelocity_mm": subj.ventricle_alpha_mm, "AtrophyAmount": subj.atrophy_amount}
+    write_volume(out / sid / "anat" / f"{sid}_T1w.nii.gz", Volume(subj.t1, grid.affine),
+                 description="SynthBrain phantom T1w (synthetic, not a person)", sidecar=sidecar,
+                 dtype="int16")
+    deriv = out / "derivatives" / "phantom" / sid / "anat"
+    write_volume(deriv / f"{sid}_space-{SPACE}_res-{grid.res_label}_dseg.nii.gz",
+                 Volume(subj.dseg.astype(np.float32), grid.affine),
+                 description="SynthBrain phantom label map (synthetic)", dtype="uint8")
+    return {"participant_id": sid, "age": f"{params.age:.1f}", "sex": params.sex,
+            "diagnosis": params.diagnosis, "ventricular_volume": subj.ventricular_volume_ml,
+            "brain_volume": subj.brain_volume_ml, "intracranial_volume": subj.intracranial_volume_ml}
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one subject per core: the workers, not torch, use the machine's cores
+
+
 def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed: int = 0,
-                    on_step: OnStep | None = None, only: Sequence[str] | None = None) -> Path:
+                    on_step: OnStep | None = None, only: Sequence[str] | None = None, jobs: int = 1,
+                    preprocess: bool = False) -> Path:
     """Write a BIDS dataset of ``n`` phantom subjects to ``out_dir`` and return its path.
 
     ``only`` (labels such as ``sub-0007``) writes just those subjects of the ``n``, identical to their
-    files in the full cohort: enough to re-evaluate a model on its held-out subjects.
+    files in the full cohort: enough to re-evaluate a model on its held-out subjects. ``jobs`` renders
+    that many subjects at once in worker processes; the files are the same, byte for byte. ``preprocess``
+    also writes each subject's preprocessed derivative on ``grid`` (what ``synthbrain preprocess`` writes),
+    without the check that a scan is aligned to MNI152 (these are made in MNI space), so no registration
+    (SimpleITK) runs.
 
     Layout: ``participants.tsv`` (+ ``.json``), ``sub-<id>/anat/sub-<id>_T1w.nii.gz`` (+ JSON sidecar
     with the subject's phantom parameters) and the true label maps under
@@ -294,11 +329,14 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
     """
     from synthbrain import __version__
     from synthbrain.data.bids import tsv_text
+    from synthbrain.data.template import load_template
     from synthbrain.errors import ConfigError
-    from synthbrain.io import Volume, atomic_write, write_volume
+    from synthbrain.io import atomic_write
 
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     grid = get_grid(grid)
     out = Path(out_dir)
     if (out / "participants.tsv").exists():
@@ -318,7 +356,6 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
          "GeneratedBy": desc["GeneratedBy"]}, indent=2) + "\n")
     atomic_write(deriv / "dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in DSEG_LABELS.items()))
 
-    rows = []
     indices = list(range(n))
     if only:
         wanted = {label if label.startswith("sub-") else f"sub-{label}" for label in only}
@@ -326,24 +363,34 @@ def generate_cohort(out_dir: str | Path, n: int, grid: Grid | str = "demo", seed
         missing = wanted - {f"sub-{i + 1:04d}" for i in indices}
         if missing:
             raise ConfigError(f"--only names subjects outside this cohort of {n}: {', '.join(sorted(missing))}")
-    for k, i in enumerate(indices):
-        params = sample_subject(seed, i)
-        subj = render_subject(params, grid)
-        sid = f"sub-{params.participant_id}"
-        sidecar = {"Phantom": PHANTOM_NOTE, "Space": SPACE, "Grid": grid.name, "Parameters": asdict(params),
-                   "VentricleVelocity_mm": subj.ventricle_alpha_mm, "AtrophyAmount": subj.atrophy_amount}
-        write_volume(out / sid / "anat" / f"{sid}_T1w.nii.gz", Volume(subj.t1, grid.affine),
-                     description="SynthBrain phantom T1w (synthetic, not a person)", sidecar=sidecar,
-                     dtype="int16")
-        write_volume(deriv / sid / "anat" / f"{sid}_space-{SPACE}_res-{grid.res_label}_dseg.nii.gz",
-                     Volume(subj.dseg.astype(np.float32), grid.affine),
-                     description="SynthBrain phantom label map (synthetic)", dtype="uint8")
-        rows.append({"participant_id": sid, "age": f"{params.age:.1f}", "sex": params.sex,
-                     "diagnosis": params.diagnosis, "ventricular_volume": subj.ventricular_volume_ml,
-                     "brain_volume": subj.brain_volume_ml, "intracranial_volume": subj.intracranial_volume_ml})
-        if on_step is not None:
-            on_step(k + 1, len(indices), {"subject": sid, "age": params.age})
+    rows: dict[int, dict] = {}
 
-    atomic_write(out / "participants.tsv", tsv_text(rows, list(PARTICIPANT_COLUMNS)))
+    def done(i: int, row: dict) -> None:
+        rows[i] = row
+        if on_step is not None:
+            on_step(len(rows), len(indices), {"subject": row["participant_id"]})
+
+    if jobs == 1 or len(indices) <= 1:
+        for i in indices:
+            done(i, _write_subject(out, grid, seed, i))
+    else:
+        import multiprocessing
+        from concurrent.futures import as_completed
+
+        load_template(grid)  # builds the on-disk caches once, before the workers read them
+        ventricle_calibration(grid)
+        # spawn: a forked child would inherit the parent's torch thread pool in whatever state
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(indices)), mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures = {pool.submit(_write_subject, out, grid, seed, i): i for i in indices}
+            for f in as_completed(futures):
+                done(futures[f], f.result())
+
+    atomic_write(out / "participants.tsv", tsv_text([rows[i] for i in indices], list(PARTICIPANT_COLUMNS)))
     atomic_write(out / "participants.json", json.dumps(PARTICIPANT_COLUMNS, indent=2) + "\n")
+    if preprocess:
+        from synthbrain.data.bids import BIDSDataset
+
+        BIDSDataset(out, grid=grid).prepare(on_step, jobs=jobs, known_prepared=PREPARED_NOTE)
     return out
