@@ -35,3 +35,18 @@ def write_section(name: str, command: str, body: str) -> None:
         tmp = RESULTS.with_suffix(".md.tmp")
         tmp.write_text(text)
         os.replace(tmp, RESULTS)
+
+
+def import_section(name: str, section: str) -> None:
+    """Put a whole section written elsewhere (a device session's results.md, its own date and machine
+    line kept) in place of the section ``name``, under the same lock as :func:`write_section`."""
+    if not (section.startswith(f"<!-- {name} -->\n") and section.endswith(f"<!-- /{name} -->\n")):
+        raise ValueError(f"not a results.md section named {name!r}")
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
+    with open(RESULTS.with_suffix(".md.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = RESULTS.read_text() if RESULTS.is_file() else HEADER
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+        tmp = RESULTS.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, RESULTS)
