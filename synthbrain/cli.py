@@ -225,6 +225,15 @@ SchemaOpt = typer.Option(None, "--schema", help="JSON file declaring the cohort'
                          "ventricular_volume, brain_volume")
 
 
+def _check_schema(data: Path, condition: list[str], schema: Path | None) -> None:
+    """A declared schema checked against participants.tsv before torch is imported: a value that does not
+    fit is named (subject, column) at once, not after the models load."""
+    if schema is not None:
+        from synthbrain.data.bids import schema_for_dataset
+
+        schema_for_dataset(data, condition, schema_file=schema)
+
+
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(
     data: Path = typer.Option(..., "--data", help="BIDS dataset (participants.tsv + sub-*/anat/*_T1w.nii.gz)"),
@@ -238,6 +247,7 @@ def train_autoencoder_cmd(
     schema: Path | None = SchemaOpt,
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
+    _check_schema(data, condition, schema)
     from synthbrain.training.autoencoder import train_autoencoder
 
     with progress("train autoencoder") as on_step:
@@ -267,6 +277,7 @@ def train_prior_cmd(
     schema: Path | None = SchemaOpt,
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
+    _check_schema(data, condition, schema)
     from synthbrain.training.prior import train_prior
 
     with progress("train prior") as on_step:

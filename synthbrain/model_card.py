@@ -191,6 +191,8 @@ def render_model_card(bundle_dir: Path) -> str:
              "## Conditions", "", "| name | unit | kind | range | default |", "|---|---|---|---|---|"]
     for c in cfg["conditions"]["conditions"]:
         rng = f"{c['low']:g}..{c['high']:g}" if c["kind"] == "continuous" else ", ".join(c["categories"])
+        if c.get("codes"):  # what the training table held for each level
+            rng += " (codes: " + ", ".join(f"{k} = {v}" for k, v in c["codes"].items()) + ")"
         lines.append(f"| {c['name']} | {c.get('unit', '')} | {c['kind']} | {rng} | {c.get('default')} |")
     lines.append("")
     for stage in ("autoencoder", "prior"):

@@ -158,6 +158,9 @@ def test_a_cohort_with_a_diagnosis_trains_and_samples_with_diagnosis_ad(diagnosi
     schema = ConditionSchema.from_dict(config["conditions"])
     assert schema.names == ["age", "sex", "diagnosis"] and schema["diagnosis"].categories == DIAGNOSES
     assert config["prior"]["steps_trained"] == 8
+    card = (diagnosis_bundle.bundle / "MODEL_CARD.md").read_text()
+    assert "| diagnosis |  | categorical | CN, MCI, AD | CN |" in card
+    assert "| sex |  | binary | F, M (codes: 1 = M, 2 = F) |" in card
 
     out = tmp_path / "synth"
     r = synthbrain("sample", "--bundle", diagnosis_bundle.bundle, "--condition", "diagnosis=AD", "--sex", "M",
