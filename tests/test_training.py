@@ -224,3 +224,87 @@ def test_adversarial_run_with_decay_resumes_bit_exactly(tiny_cohort, tmp_path):
     assert any(k.startswith("net/discriminator/") for k in nets)
     for k in nets:
         assert torch.equal(a[k], b[k]), k
+
+
+class _LinearStage:
+    """Least squares through one linear layer: no randomness, so what the loop does to gradients shows."""
+
+    def __init__(self) -> None:
+        self.net = torch.nn.Linear(3, 1)
+        with torch.no_grad():
+            self.net.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+            self.net.bias.zero_()
+        self.networks = {"net": self.net}
+        self.optimizers = {"net": torch.optim.SGD(self.net.parameters(), lr=0.1)}
+        self.dtypes: list[torch.dtype] = []  # of the layer's output, in training and validation
+
+    def train_step(self, batch, step, backward):
+        x, y = batch
+        out = self.net(x)
+        self.dtypes.append(out.dtype)
+        loss = torch.nn.functional.mse_loss(out.float(), y)
+        backward(loss, "net")
+        return {"loss": loss.item()}
+
+    def after_step(self, step):
+        return {}
+
+    def validate(self, batches):
+        out = self.net(batches[0][0])
+        self.dtypes.append(out.dtype)
+        return {"loss": float(torch.nn.functional.mse_loss(out.float(), batches[0][1]))}
+
+    def extra_state(self):
+        return {}, {}
+
+    def load_extra_state(self, tensors, meta):
+        pass
+
+
+def _fit_linear(tmp_path, name: str, **train) -> _LinearStage:
+    from synthbrain.training.config import TrainConfig
+    from synthbrain.training.loop import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [2.0], [-1.0]]) + 0.1 * torch.randn(8, 1, generator=g)
+    stage = _LinearStage()
+    run = tmp_path / name
+    run.mkdir()
+    cfg = TrainConfig(**{"steps": 6, "lr": 0.1, "ckpt_every": 100, "log_every": 1, "val_every": 3, **train})
+    Trainer(stage, lambda idx: (x[idx], y[idx]), 8, [(x[:4], y[:4])], cfg, run, torch.device("cpu")).fit()
+    return stage
+
+
+def test_gradient_accumulation_of_two_micro_batches_equals_one_batch_of_two(tmp_path):
+    """The loss is divided by grad_accum, the norm clipped (0.5, active here) after the last micro-batch,
+    and the micro-batches take the next subjects of the epoch: 2 x 1 equals 1 x 2."""
+    accumulated = _fit_linear(tmp_path, "accum", batch_size=1, grad_accum=2, grad_clip=0.5)
+    whole = _fit_linear(tmp_path, "whole", batch_size=2, grad_accum=1, grad_clip=0.5)
+    half = _fit_linear(tmp_path, "half", batch_size=1, grad_accum=1, grad_clip=0.5)
+    for p, q, r in zip(accumulated.net.parameters(), whole.net.parameters(), half.net.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (p, q)
+        assert not torch.allclose(p, r, atol=1e-3), "one micro-batch a step trains otherwise"
+    logged = [[r["value"] for r in read_metrics(tmp_path / n / "metrics.csv") if r["name"] == "loss"]
+              for n in ("accum", "whole")]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5), "the logged loss is the mean over micro-batches"
+    norms = [r["value"] for r in read_metrics(tmp_path / "accum" / "metrics.csv") if r["name"] == "grad_norm_net"]
+    assert max(norms) > 0.5, "the clipping threshold is reached (the norm is logged before clipping)"
+
+
+def test_bf16_autocast_on_the_cpu_stands_in_for_mixed_precision_on_a_gpu(tmp_path):
+    """amp=bf16 runs training and validation under CPU autocast (the code path of CUDA's bf16/fp16),
+    the weights stay fp32; auto and off are fp32 on the CPU; fp16 (CUDA's grad scaler) is refused."""
+    from synthbrain.training.config import TrainConfig
+    from synthbrain.training.loop import autocast_dtype
+
+    bf16 = _fit_linear(tmp_path, "bf16", batch_size=2, amp="bf16")
+    assert len(bf16.dtypes) == 6 + 2 and set(bf16.dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in bf16.net.parameters())
+    fp32 = _fit_linear(tmp_path, "fp32", batch_size=2, amp="auto")
+    assert set(fp32.dtypes) == {torch.float32}
+    diff = max(float((p - q).detach().abs().max()) for p, q in zip(bf16.net.parameters(), fp32.net.parameters()))
+    assert 0 < diff < 0.05, "bf16 rounds, and trains the same model"
+    assert autocast_dtype(TrainConfig(amp="off"), torch.device("cpu")) is None
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        autocast_dtype(TrainConfig(amp="fp16"), torch.device("cpu"))
