@@ -92,7 +92,7 @@ if ids:
         viewer([items[numbers[pick]].panel(f"{pick} (synthetic)"),
                 Panel(f"Nearest training subject {row['nearest_by_image']} (training data)",
                       layers=(results.base_layer(results.display_bytes(nearest, "real"), "nearest.nii.gz"),))],
-               key="aud_viewer", sync=True, height=360)
+               key="aud_viewer", sync=True, height=360, screenshot=f"audit_{pick}_nearest_desc-real_view.png")
         st.caption(f"r = {row['correlation']:.4f} at a shift of {tuple(row['shift_voxels'])} voxels; "
                    f"crosshair locked.")
     except SynthBrainError as e:

@@ -78,7 +78,8 @@ threshold = c2.slider("Hide differences smaller than", 0.0, top, step=0.005, key
                       help="Intensities are normalised to [0, 1]. The default colours only the 5 % of brain voxels "
                            f"that differ most (|difference| ≥ {result.diff_threshold:.3f} for this scan); "
                            "0 colours every voxel that differs at all.")
-viewer(result.panels(opacity, threshold), key="cmp_viewer", sync=True, height=520)
+viewer(result.panels(opacity, threshold), key="cmp_viewer", sync=True, height=520,
+       screenshot=f"{result.download_stem(bundle.grid)}_view.png")
 st.caption("The crosshair, slices and zoom of the two panels are locked together. The overlay on the right is "
            "reconstruction − original in intensity units (0..1 scale; warm: brighter, cool: darker), coloured where "
            f"|difference| ≥ {threshold:.3f}; its colour bar is under the slices.")

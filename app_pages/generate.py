@@ -168,7 +168,7 @@ if len(gallery) >= 2:
                           format_func=lambda n: f"Sample {n}", key="gen_pair", placeholder="Choose two samples")
     if len(pick) == 2:
         viewer([items[n].panel(f"Sample {n}: {items[n].short(schema)}") for n in pick], key="gen_pair_viewer",
-               sync=True, height=330)
+               sync=True, height=330, screenshot=f"samples_{pick[0]}_{pick[1]}_desc-synthetic_view.png")
 if st.button("Clear this session's samples", key="gen_clear"):
     st.session_state[GALLERY] = []
     st.session_state.pop(CURRENT, None)

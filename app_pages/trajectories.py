@@ -140,7 +140,7 @@ if traj.is_edit:
     source = base_layer(traj.source_display, "source.nii.gz")
     panels.insert(0, Panel("Source scan (real, preprocessed)", layers=(source,)))
 viewer(panels, key="traj_viewer", sync=True, height=380, frames=[traj.caption(i) for i in range(n)],
-       frame_name=ax.label, frame_seconds=PLAY_SECONDS)
+       frame_name=ax.label, frame_seconds=PLAY_SECONDS, screenshot=f"{traj.stem(0)}_series_view.png")
 st.caption(f"Drag the {ax.label.lower()} slider above the viewer to watch this brain change frame by frame, or press "
            "Play: every frame is already in your browser.")
 
