@@ -129,7 +129,7 @@ def check(plan: Plan, work: Path) -> None:
 
     def cohort(grid: str, n: int) -> Path:
         # preprocessed by the cohort itself: no registration check, so no SimpleITK (the device lacks it)
-        return generate_cohort(work / f"cohort-{grid}-{n}", n=n, grid=grid, seed=1, jobs=min(n, 3), preprocess=True)
+        return generate_cohort(work / f"cohort-{grid}-{n}", n=n, grid=grid, seed=1, preprocess=True)
 
     data = m(f"phantom cohort, {plan.subjects} subjects, {plan.grid} grid (CPU)", lambda: cohort(plan.grid,
                                                                                                plan.subjects))

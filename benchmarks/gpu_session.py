@@ -147,7 +147,7 @@ class Session:
     def wait(self, name: str, proc: subprocess.Popen, limit: float, t_start: float) -> str:
         """'ok', 'failed (rc N)' or 'killed at its limit'; the time goes to plan.timings."""
         try:
-            rc = proc.wait(timeout=max(1.0, limit))
+            rc = proc.wait(timeout=max(0.01, limit))
             status = "ok" if rc == 0 else f"failed (rc {rc})"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -198,8 +198,14 @@ def step_check_and_cohort(s: Session, phase: str) -> None:
         cmd = synthbrain("cohort", "--n", str(p.subjects), "--grid", p.grid, "--seed", str(p.seed), "--jobs",
                          str(p.jobs), "--preprocess", "--out", s.data)
         procs.append(("cohort", s.start("cohort", cmd, dict(s.env, OMP_NUM_THREADS="1")), t + s.left()))
-    for name, proc, deadline in procs:
-        s.wait(name, proc, min(deadline, time.monotonic() + s.left()) - time.monotonic(), t)
+    while procs:  # each is timed when it ends, and killed with its workers at its deadline
+        for item in list(procs):
+            name, proc, deadline = item
+            now = time.monotonic()
+            if proc.poll() is not None or now >= min(deadline, now + s.left()):
+                s.wait(name, proc, 0.0, t)
+                procs.remove(item)
+        time.sleep(0.5)
     if "cohort" in p.timings and p.timings["cohort"]["status"] == "ok":
         p.timings["cohort"]["seconds_per_subject_per_job"] = round(
             p.timings["cohort"]["seconds"] * p.jobs / p.subjects, 2)
