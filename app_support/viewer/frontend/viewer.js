@@ -315,17 +315,34 @@ function applyView() {
 // colour-bar line below (the titles say what kind of volume it is: synthetic, derived or real).
 // A WebGL canvas keeps its pixels only until the next frame, so each is copied right after a draw.
 
+function wrapText(g, text, width) {
+  // the words of ``text`` in lines no wider than ``width`` (canvas text does not wrap by itself)
+  const lines = [];
+  let line = "";
+  for (const word of text.split(/\s+/)) {
+    const next = line ? line + " " + word : word;
+    if (line && g.measureText(next).width > width) { lines.push(line); line = word; } else line = next;
+  }
+  if (line) lines.push(line);
+  return lines;
+}
+
 function screenshot() {
   const dpr = window.devicePixelRatio || 1;
-  const gap = Math.round(6 * dpr), band = Math.round(22 * dpr), font = Math.round(13 * dpr);
+  const gap = Math.round(6 * dpr), band = Math.round(20 * dpr), font = Math.round(13 * dpr);
+  const small = `${Math.round(font * 0.85)}px monospace`;
+  const name = (state.spec && state.spec.screenshot) || "synthbrain_view.png";
   const sizes = state.panels.map((p) => [p.canvas.width, p.canvas.height]);
-  const lines = state.panels.map((p) => [p.readout.textContent.trim(), p.legend.hidden ? "" : p.legend.textContent.trim()]
-    .filter((t) => t && t !== "\u00a0"));
-  const foot = Math.max(...lines.map((l) => l.length), 0) * band;
   const out = document.createElement("canvas");
+  const g = out.getContext("2d");
+  g.font = small;
+  const lines = state.panels.map((p, i) => (p.nv.volumes.length ? [p.readout.textContent.trim()] : [])
+    .concat(p.legend.hidden ? [] : [p.legend.textContent.trim()])
+    .filter((t) => t && t !== "\u00a0")
+    .flatMap((t) => wrapText(g, t, sizes[i][0] - 4)));
+  const foot = Math.max(...lines.map((l) => l.length), 0) * band;
   out.width = sizes.reduce((a, [w]) => a + w, 0) + gap * Math.max(state.panels.length - 1, 0);
   out.height = band + Math.max(...sizes.map(([, h]) => h)) + foot + band;
-  const g = out.getContext("2d");
   g.fillStyle = "#fff"; g.fillRect(0, 0, out.width, out.height);
   g.fillStyle = "#1f2430"; g.textBaseline = "middle";
   let x = 0;
@@ -335,19 +352,19 @@ function screenshot() {
     g.fillText(p.spec.title || "", x + 2, band / 2, w - 4);
     p.nv.drawScene();
     g.drawImage(p.canvas, x, band, w, h);
-    g.font = `${Math.round(font * 0.9)}px monospace`;
-    for (const [k, t] of lines[i].entries()) g.fillText(t, x + 2, band + h + band * (k + 0.5), w - 4);
+    g.font = small;
+    for (const [k, t] of lines[i].entries()) g.fillText(t, x + 2, band + h + band * (k + 0.5));
     x += w + gap;
   }
   g.font = `${Math.round(font * 0.85)}px sans-serif`;
   g.fillStyle = "#555";
-  g.fillText(`SynthBrain viewer screenshot, ${new Date().toISOString().slice(0, 19).replace("T", " ")} UTC`, 2,
+  g.fillText(`SynthBrain viewer screenshot: ${name}, ${new Date().toISOString().slice(0, 19).replace("T", " ")} UTC`, 2,
              out.height - band / 2, out.width - 4);
   out.toBlob((blob) => {
     if (!blob) return;
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
-    a.download = (state.spec && state.spec.screenshot) || "synthbrain_view.png";
+    a.download = name;
     document.body.appendChild(a);
     a.click();
     a.remove();
