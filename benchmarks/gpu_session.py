@@ -224,10 +224,16 @@ def last_rate(metrics_csv: Path) -> float | None:
     return rates[-1] if rates else None
 
 
-def newest_checkpoint_step(run: Path) -> int | None:
-    steps = [int(d.name.split("-")[1]) for d in (run / "checkpoints").glob("step-*")
+def newest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (``checkpoints/step-N``), or None."""
+    found = [d for d in (run / "checkpoints").glob("step-*")
              if (d / "state.json").is_file() and (d / "tensors.safetensors").is_file()]
-    return max(steps) if steps else None
+    return max(found, key=lambda d: int(d.name.split("-")[1])) if found else None
+
+
+def newest_checkpoint_step(run: Path) -> int | None:
+    d = newest_checkpoint(run)
+    return int(d.name.split("-")[1]) if d else None
 
 
 def read_volume_seconds(s: Session, n: int = 16) -> float:
@@ -322,6 +328,9 @@ def tar_parts(s: Session, name: str, members: list[tuple[Path, str]], gz: bool =
     """``members`` (path, name in the archive) as one tar in the work folder, split into <= 15 MiB parts
     (1 MiB in a dry run, so that its small bundle is split and joined too)."""
     part_bytes = 2**20 if s.plan.dry else PART_BYTES
+    missing = [a for m, a in members if not m.exists()]
+    if missing and name != "logs":  # the logs of steps that did not run are missing by design
+        s.notes.append(f"{name}: not found, so not packed: {', '.join(missing)}")
     members = [(m, a) for m, a in members if m.exists()]
     if not members:
         return []
@@ -356,9 +365,8 @@ def pack(s: Session, bundle: Path | None) -> dict:
     items = [("logs", logs, True)]
     if bundle is not None:
         items.append(("bundle", [(bundle, "bundle")], False))
-    last = newest_checkpoint_step(runs / "autoencoder")
-    if last is not None:
-        ck = runs / "autoencoder" / "checkpoints" / f"step-{last:06d}"
+    ck = newest_checkpoint(runs / "autoencoder")
+    if ck is not None:
         items.append(("ae-checkpoint", [(ck, f"autoencoder/checkpoints/{ck.name}"),
                                         (runs / "autoencoder" / "run.json", "autoencoder/run.json"),
                                         (runs / "autoencoder" / "metrics.csv", "autoencoder/metrics.csv")], False))
