@@ -98,6 +98,7 @@ _FACE = ndi.generate_binary_structure(3, 1)  # 6-connected: a diagonal touch of 
 VENTRICLE_CORE = 0.5    # CSF fraction of a voxel that is mostly ventricle
 BRAIN_CORE = 0.5        # tissue fraction of a voxel that is mostly brain
 MIN_SEED_OVERLAP = 0.2  # share of a CSF component that must lie in the template's ventricles
+RIM_VOXELS = 1           # the partial-volume rim: this many voxels into the CSF round a ventricle
 MIN_PIECE_ML = 0.1      # smaller pieces of mostly-CSF voxels are not counted as ventricle
 MIDLINE_MM = 4.0        # half width of the band round x = 0 where the fissure lies
 BRAIN_MARGIN_MM = 2.0   # how far beyond the template brain mask (scaled) brain may reach
@@ -203,7 +204,7 @@ def _ventricle_mask(csf: np.ndarray, region: np.ndarray, seed: np.ndarray, min_v
     merged = idx[~keep & (in_seed >= 0.1 * max(float(seed.sum()), 1.0))]
     if merged.size:
         mask |= np.isin(lab, merged) & ndi.binary_dilation(seed, _FACE, iterations=2)
-    return mask | (ndi.binary_dilation(mask, _FACE) & region & (csf > 0) & ~core)
+    return mask | (ndi.binary_dilation(mask, _FACE, iterations=RIM_VOXELS, mask=region & (csf > 0) & ~core))
 
 
 def _brain_mask(csf: np.ndarray, head: np.ndarray, allowed: np.ndarray) -> np.ndarray:
