@@ -260,10 +260,11 @@ def segment(volume: Volume, grid: Grid | None = None) -> Segmentation:
     csf_m = _csf_intensity(gm_m, wm_m, tmpl)
     csf_frac = (np.clip((gm_m - data) / (gm_m - csf_m), 0.0, 1.0) * head).astype(np.float32)
     vent_region = region(tmpl.ventricle_region)
-    # the fissure as the template shows it (scaled) and as this brain's own white matter does (a
-    # callosum that enlarged ventricles have lifted or thinned)
+    # the fissure as the template shows it (scaled) and, where this brain's own callosum is seen, as
+    # that shows it (enlarged ventricles lift it); a column with no white matter seen (a thin callosum
+    # blurred away) keeps the template's, so the third ventricle below it stays
     own_wm = head & (data > (gm_m + wm_m) / 2)
-    fissure = scaled(fissure_mask(tmpl.wm > 0.5, grid)) | fissure_mask(own_wm, grid)
+    fissure = scaled(fissure_mask(tmpl.wm > 0.5, grid)) | (fissure_mask(own_wm, grid) & own_wm.any(axis=2)[..., None])
     vent_mask = _ventricle_mask(csf_frac, vent_region & ~fissure, region(ventricle_prior(grid)),
                                  MIN_PIECE_ML / grid.voxel_volume_ml)
     brain_allowed = scaled(ndi.distance_transform_edt(tmpl.brain <= 0.5) * grid.spacing <= BRAIN_MARGIN_MM)
