@@ -26,13 +26,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def drag_frames(page, slider, frame, n: int) -> list[int]:
     """Drag the viewer's frame slider from its left end to its right end, as a hand does, waiting at
     each position until the viewer has drawn the frame there; returns the frames drawn, in order."""
+    slider.scroll_into_view_if_needed()
     box = slider.bounding_box()
     y = box["y"] + box["height"] / 2
-    page.mouse.move(box["x"] + 2, y)
+    page.mouse.move(box["x"] + 8, y)
     page.mouse.down()
     seen = []
     for k in range(n):
-        page.mouse.move(box["x"] + 2 + (box["width"] - 4) * k / (n - 1), y, steps=2)
+        # Chromium's range thumb is 16 px: its centre for value k is 8 + (width - 16) * k / max
+        page.mouse.move(box["x"] + 8 + (box["width"] - 16) * k / (n - 1), y, steps=2)
         frame.wait_for_function("k => document.body.dataset.frame === String(k)", arg=k)
         seen.append(int(frame.evaluate("() => document.body.dataset.frame")))
     page.mouse.up()
