@@ -43,7 +43,7 @@ def splits(large_phantom_cohort):
     return b, part(labels[:TRAIN]), part(labels[TRAIN:TRAIN + CALIBRATE]), part(labels[TRAIN + CALIBRATE:])
 
 
-def planted_copies(train, n: int = 3) -> list[tuple[str, np.ndarray]]:
+def planted_copies(train, n: int = 2) -> list[tuple[str, np.ndarray]]:
     """Copies of training volumes: plain, with light noise, moved by 1-2 voxels, with a small
     intensity change and with a small affine jitter (2 degrees, a fraction of a voxel)."""
     rng = np.random.default_rng(0)
@@ -66,13 +66,14 @@ def planted_copies(train, n: int = 3) -> list[tuple[str, np.ndarray]]:
 def test_planted_copies_are_flagged_and_unseen_subjects_are_not(splits):
     bundle, train, calibrate, unseen = splits
     copies = planted_copies(train)
-    held = [(f"held-out-{lab}", calibrate.volume(i)) for i, lab in enumerate(calibrate.labels)]
+    # two of the calibration subjects audited again: the threshold is their maximum, so none may pass it
+    held = [(f"held-out-{lab}", calibrate.volume(i)) for i, lab in enumerate(calibrate.labels[:2])]
     others = [(f"unseen-{lab}", unseen.volume(i)) for i, lab in enumerate(unseen.labels)]
-    report = audit(copies + held + others, train, calibrate, bundle, AuditSettings(jobs=1))
+    report = audit(copies + held + others, train, calibrate, bundle, AuditSettings(jobs=2))
     rows = {r["id"]: r for r in report.samples}
     missed = [k for k, _ in copies if not rows[k]["flagged"]]
     assert not missed, f"copies not flagged: {missed}"
-    for i in range(3):  # and each copy is matched to the subject it was copied from
+    for i in range(2):  # and each copy is matched to the subject it was copied from
         assert rows[f"copy-{i}"]["nearest_by_image"] == train.labels[i]
         assert rows[f"shift-{i}"]["shift_voxels"] == [1, -2, 1] and rows[f"shift-{i}"]["correlation"] > 0.999
     wrongly = [k for k, _ in held if rows[k]["flagged"]]
