@@ -164,6 +164,9 @@ def test_resumed_prior_equals_uninterrupted_prior(tiny_bundle, tiny_cohort, tmp_
     a = load_file(str(full / "prior.safetensors"))
     b = load_file(str(part / "prior.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a resume with other conditions (here one more column) is refused in one line before any network is built
+    with pytest.raises(ConfigError, match="conditions differ from those the run started with.*--schema"):
+        train_prior(ae, data, tmp_path / "part", steps=10, resume=True, extra_conditions=["intracranial_volume"])
 
 
 def test_adversarial_term_trains_a_discriminator_that_stays_out_of_the_bundle(tiny_cohort, tmp_path):

@@ -189,5 +189,5 @@ def _autoencoder_setup(run: Run, data: str | Path, grid: str, extra_conditions: 
         export_stage(bundle_dir, "autoencoder", model, config, run.dir, val, steps_trained)
 
     info = {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,
-            "train_subjects": train_ids, "val_subjects": val_ids}
+            "train_subjects": train_ids, "val_subjects": val_ids, "conditions": schema.to_dict()}
     return StageSetup(info, probe.prepare, build, export)

@@ -199,5 +199,5 @@ def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_condition
         export_stage(out_bundle, "prior", unwrap(stage.ema.module), config, run.dir, val, steps_trained)
 
     info = {"stage": "prior", "bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
-            "train_subjects": train_ids, "val_subjects": val_ids}
+            "train_subjects": train_ids, "val_subjects": val_ids, "conditions": schema.to_dict()}
     return StageSetup(info, prepare, build, export)

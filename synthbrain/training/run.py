@@ -37,10 +37,11 @@ def write_run_json(run_dir: Path, info: dict) -> None:
 
     path = run_dir / "run.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    for key in ("train_subjects", "val_subjects"):
-        if key in old and old[key] != info.get(key):
+    for key in ("train_subjects", "val_subjects", "conditions"):
+        if key in old and old[key] != json.loads(json.dumps(info.get(key))):  # as run.json holds it
             raise ConfigError(f"{run_dir}: the data's {key.replace('_', ' ')} differ from those the run started "
-                              "with; resume with the same dataset (or start a new --out)")
+                              "with; resume with the same dataset, --schema and --condition options (or start a "
+                              "new --out)")
     info = {**info, "command": command_line(), "commands": [*old.get("commands", []), command_line()]}
     atomic_write(path, json.dumps(info, indent=2) + "\n")
 
