@@ -127,6 +127,8 @@ def live_ageing(page, url: str, frames: int) -> dict:
     page.get_by_role("button", name="Generate the series").click()
     page.get_by_text("Measured volumes along the series").wait_for(timeout=600_000)
     frame = viewer_frame(page)
+    # in view: Chromium runs no animation frames in an iframe off screen, and the viewer marks a frame drawn in one
+    page.locator(VIEWER_FRAME).first.scroll_into_view_if_needed()
     frame.wait_for_function("() => document.body.dataset.ready === '1' && document.body.dataset.frame === '0'",
                             timeout=120_000)
     made = time.perf_counter() - t0
