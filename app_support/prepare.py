@@ -4,9 +4,10 @@ pipeline of ``synthbrain prepare`` (:func:`synthbrain.data.prepare.prepare_volum
 registration to MNI152, the grid, normalisation) in the app's job queue with a progress bar, then the
 before / after in three planes and the registration quality, and the prepared volume to go on with.
 
-The prepared volume is *derived* data (:mod:`synthbrain.export`): made from the person's scan, kept in
-this session's state only (never a shared cache), and its download names the upload by a digest of its
-voxels, never by its file name or header text.
+The prepared volume is *real* data (:mod:`synthbrain.export`: an input, preprocessed, as
+``synthbrain prepare`` writes it): the person's scan, kept in this session's state only (never a shared
+cache); its download never carries its file name or header text,
+and a reconstruction of it is derived.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import streamlit as st
 
 from app_support import common, jobs
 from synthbrain.errors import SynthBrainError
-from synthbrain.export import DERIVED, kind
+from synthbrain.export import REAL, kind
 from synthbrain.io import Volume
 
 STATE = "{key}_prepared"         # session state: this session's PreparedUpload for the picker ``key``
@@ -54,7 +55,7 @@ class PreparedUpload:
         rows = list(zip(PICTURE_ROWS, (self.result.before, self.volume, Volume(tmpl.t1, self.grid.affine)),
                         strict=True))
         return rows_png(rows, point_mm=tmpl.centroid_mm, width_px=900,
-                        title=f"Prepared upload ({kind(DERIVED).name}): r = {q['correlation']:.3f} with the "
+                        title=f"Prepared upload ({kind(REAL).name}): r = {q['correlation']:.3f} with the "
                               f"template; it was {q['input_rotation_deg']:.1f} deg, {q['input_shift_mm']:.1f} mm off",
                         footer="; ".join(q["flags"]) or "no flags")
 
@@ -78,8 +79,8 @@ class PreparedUpload:
         return f"prepared_space-{SPACE}_res-{self.grid.res_label}_T1w"
 
     def zip(self) -> bytes:
-        """The prepared volume (NIfTI + sidecar), its transform (ITK .tfm) and the QC picture: a derived
-        dataset that names the upload by the digest of its voxels only."""
+        """The prepared volume (NIfTI + sidecar), its transform (ITK .tfm) and the QC picture: a real
+        (preprocessed input) dataset that never carries the upload's file name or header text."""
         import os
         import tempfile
 
@@ -90,13 +91,13 @@ class PreparedUpload:
         from synthbrain.export import DatasetWriter, file_stem
         from synthbrain.grids import SPACE
 
-        stem = file_stem(DERIVED, self.stem())
+        stem = file_stem(REAL, self.stem())
         tfm = f"{stem[: -len('_T1w')]}_from-T1w_to-{SPACE}_mode-image_xfm.tfm"
         fields = {"SpatialReference": SPACE, "Grid": self.grid.to_dict(), **self.result.info,
                   "Prepare": {"Version": __version__, "Steps": list(STEPS), "QC": self.result.qc,
                               "Transform": tfm,
                               "TransformDirection": "MNI152 (LPS mm) -> the upload (LPS mm), ITK convention"}}
-        out = DatasetWriter(DERIVED, "SynthBrain: an upload prepared in the app",
+        out = DatasetWriter(REAL, "SynthBrain: an upload prepared in the app",
                             {"Name": "synthbrain prepare (app)", "Version": __version__})
         out.add("", self.stem(), self.volume, fields, source=self.source)
         # ITK writes transforms to files only; a transform holds 12 numbers and a centre, no anatomy
@@ -143,7 +144,7 @@ def prepare_step(key: str, digest: str, name: str, volume: Volume, problem: str,
             st.error(problem, icon=":material/error:")
             st.markdown("**Prepare it here**: the same pipeline as `synthbrain prepare`, on this server: "
                         f"{', '.join(STEPS)} ({grid.name} grid, {grid.spacing:g} mm). About 10 to 30 s on a CPU. "
-                        "The prepared scan is derived from yours and stays in this browser session.")
+                        "The prepared scan is your scan, preprocessed, and stays in this browser session.")
             pressed = st.button("Prepare it", type="primary", key=f"{key}_prepare", icon=":material/auto_fix_high:")
         if not pressed:
             return None
@@ -174,15 +175,15 @@ def show_prepared(key: str, done: PreparedUpload, name: str):
         st.table(pd.DataFrame(done.qc_rows()), hide_index=True)
         for flag in q["flags"]:
             st.warning(flag, icon=":material/warning:")
-        st.download_button(f"Download the prepared scan ({kind(DERIVED).title}; NIfTI + JSON, transform, QC "
+        st.download_button(f"Download the prepared scan ({kind(REAL).title}; NIfTI + JSON, transform, QC "
                            "picture, .zip)", data=done.zip, file_name=f"{done.stem()}.zip", mime="application/zip",
                            on_click="ignore", icon=":material/download:", key=f"{key}_prepared_dl")
-        st.caption("Derived data: the prepared scan carries the anatomy of your scan; handle it like the scan. "
-                   "Its files name the upload by a digest of its voxels only, never by its file name or header.")
+        st.caption("Real data: the prepared scan is your scan, preprocessed; handle it like the scan. "
+                   "Its files never carry the upload's file name or header text.")
     if not done.check.ok:
         st.error(f"After preparing, the scan is still not ready for the model: {'; '.join(done.check.reasons)}. "
                  "Check the pictures above: it may not be a T1-weighted brain scan.", icon=":material/error:")
         return None
     return Scan(f"upload:{done.digest}:prepared", f"{name} (prepared)", done.volume,
-                f"{name}, prepared here (N4, brain extraction, registration to MNI152): derived from the upload.",
-                provenance=DERIVED)
+                f"{name}, prepared here (N4, brain extraction, registration to MNI152): the upload, preprocessed.",
+                provenance=REAL)

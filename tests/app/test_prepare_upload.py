@@ -1,7 +1,7 @@
 """An upload that is not prepared (not in MNI space, or with a skull) gets the message that says to run
 ``synthbrain prepare`` and a **Prepare it** button, on both pages that take uploads, and never a silent
 result; pressed, it prepares the upload in the job queue, shows the before / after and the registration
-quality, and the page goes on with the prepared, derived volume."""
+quality, and the page goes on with the prepared (real, preprocessed) volume."""
 
 from __future__ import annotations
 
@@ -93,24 +93,24 @@ def test_prepare_it_shows_before_after_and_goes_on_with_the_prepared_scan(bundle
     (image,) = at.get("image")
     png = media(image.value[0])
     assert png.startswith(b"\x89PNG") and png == done.picture
-    # its download is derived data that names the upload by a digest only
+    # its download is real data (the upload, preprocessed) that never names the upload
     (button,) = [b for b in at.get("download_button") if "prepared scan" in b.label]
-    assert "derived" in button.label
+    assert "real scan (preprocessed)" in button.label
     name, blob = media.deferred(button)
     z = zipfile.ZipFile(io.BytesIO(blob))
     names = z.namelist()
     (nii,) = [n for n in names if n.endswith(".nii.gz")]
-    assert "desc-derived" in nii and any(n.endswith(".tfm") for n in names) and any(n.endswith(".png") for n in names)
+    assert "desc-real" in nii and any(n.endswith(".tfm") for n in names) and any(n.endswith(".png") for n in names)
     img = nib.Nifti1Image.from_bytes(gzip.decompress(z.read(nii)))
-    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == KINDS["derived"].description
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == KINDS["real"].description
     np.testing.assert_allclose(np.asarray(img.dataobj), done.volume.data, atol=1e-6)
     side = json.loads(z.read(nii.replace(".nii.gz", ".json")))
-    assert side["Provenance"] == "derived" and side["SourceDigest"].startswith("sha256:")
+    assert side["Provenance"] == "real"
     assert side["Prepare"]["QC"]["correlation"] == pytest.approx(r, abs=1e-3)
     for n in names:  # no file name, no header text of the upload anywhere
         text = z.read(n) if not n.endswith(".nii.gz") else gzip.decompress(z.read(n))
         assert b"native" not in text and b"test scan" not in text, n
-    # the page goes on with the prepared scan: the reconstruction is of it, and derived
+    # the page goes on with the prepared scan (real): the reconstruction is of it, and derived
     assert not at.button(key="cmp_go").disabled
     at.button(key="cmp_go").click().run()
     assert not at.exception and not at.error
@@ -119,7 +119,7 @@ def test_prepare_it_shows_before_after_and_goes_on_with_the_prepared_scan(bundle
     np.testing.assert_allclose(result.recon.original.data, done.volume.data, atol=2e-3)
     (call,) = viewer_calls(at)
     assert [p["title"].split(":")[0].split(" (")[0] for p in call.panels] == ["Original", "Reconstruction"]
-    assert all("derived" in p["title"] for p in call.panels)
+    assert "real" in call.panels[0]["title"] and "derived" in call.panels[1]["title"]
     assert frame(at.table[1].value)["Metric"][0] == "PSNR"  # the reconstruction's figures, after the QC table
     assert result.recon.metrics["ssim"] > 0.3
 

@@ -162,7 +162,8 @@ def test_prepare_it_on_trajectories(page, server, tmp_path):
     picture = page.locator('[data-testid="stImage"] img').first
     picture.wait_for()
     assert picture.evaluate("img => img.complete && img.naturalWidth > 600 && img.naturalHeight > 300")
-    assert page.get_by_role("button", name=re.compile(r"Download the prepared scan \(derived")).is_visible()
+    download = re.compile(r"Download the prepared scan \(real scan \(preprocessed\)")
+    assert page.get_by_role("button", name=download).is_visible()
     body = page.inner_text("body")
     assert "Traceback" not in body and "has been prepared here" in body
     assert not page.locator('[data-testid="stAlert"]').filter(has_text="not prepared:").count()
