@@ -4,12 +4,18 @@ tests/app is a package (``__init__.py``), so this conftest is ``app.conftest`` a
 tests/conftest.py for the modules that ``from conftest import ...``.
 """
 
+import sys
+
 import pytest
 
 
 @pytest.fixture(autouse=True)
 def app_env(monkeypatch):
-    """Each test starts from the shipped demo bundle, whatever the developer's shell has set."""
+    """Each test starts from the shipped demo bundle, whatever the developer's shell has set; and
+    ``__main__`` is given back afterwards: AppTest runs a page as ``__main__`` and leaves it there, and
+    a later test's worker processes (spawn) would then re-run that page (or AppTest's temporary script,
+    which fails outside AppTest) as their main module."""
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
     for name in ("SYNTHBRAIN_BUNDLE", "SYNTHBRAIN_MODELS", "SYNTHBRAIN_DEVICE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SYNTHBRAIN_DEVICE", "cpu")
