@@ -45,12 +45,11 @@ from tests.e2e.e2e_helpers import (  # noqa: E402
 from tests.e2e.test_app_edges_browser import LIMIT_MB, Session, rss_mb  # noqa: E402
 
 LATENCY_NOTE = (
-    "In the run above (one run each, on a shared machine), nicing model jobs and page scripts halved the median "
-    "and p95 health latency; it does not remove the few answers over 1 s. They come one per Generate, when its "
-    "result goes out: with PYTHONASYNCIODEBUG=1 the server logs "
-    "Streamlit's WebSocket sender step (`starlette-ws-send`) taking up to 2.4 s in the event loop on a machine "
-    "with a load average of 15 on 2 cores (not the sampler, and not the surfaces: run in the same process "
-    "they delay an asyncio loop by < 0.1 s). Not solved here.")
+    "Seen on this machine at a load average of about 15 (other jobs on its 2 cores): a few answers over 1 s, one "
+    "per Generate, when its result goes out; with PYTHONASYNCIODEBUG=1 the server logged Streamlit's WebSocket "
+    "sender step (`starlette-ws-send`) taking up to 2.4 s in the event loop (not the sampler, and not the "
+    "surfaces: run in the same process they delay an asyncio loop by < 0.1 s). Nicing model jobs and page "
+    "scripts (SYNTHBRAIN_NICE) halved the median and p95 there.")
 PLAIN_APP = 'import streamlit as st\n\nst.title("One uploader")\nst.file_uploader("A file")\n'
 
 
@@ -199,8 +198,10 @@ def main() -> None:
             rows += upload_rows(browser, plain, "Streamlit's own manager", False, scan, args.puts, args.mb)
         finally:
             plain.stop()
+        load = [os.getloadavg()[0]]
         for nice in (10, 0):
             lat, times = health_latency(browser, nice, args.generates)
+            load.append(os.getloadavg()[0])
             ok = sorted(x for x in lat if x != float("inf"))
             latency_rows.append((f"SYNTHBRAIN_NICE={nice}", str(len(lat)), f"{statistics.median(ok) * 1e3:.0f}",
                                  f"{ok[int(0.95 * (len(ok) - 1))] * 1e3:.0f}", f"{max(lat) * 1e3:.0f}",
@@ -213,7 +214,9 @@ def main() -> None:
             "| server | uploads | status | RSS (MB) | growth (MB) | time (s) |", "|---|---|---|---|---|---|"]
     body += [f"| {' | '.join(r)} |" for r in rows]
     body += ["", f"`/_stcore/health` every 0.1 s while one session pressed Generate {args.generates} times (after a "
-             "warm-up sample), server with 2 torch threads; the machine's other load is whatever else ran.", "",
+             "warm-up sample), server with 2 torch threads; the machine's 1-minute load average was "
+             f"{min(load):.1f}-{max(load):.1f} during these runs (2 cores; this benchmark's own server and Chromium "
+             "included).", "",
              "| model work | health checks | median (ms) | p95 (ms) | max (ms) | over 1 s | Generate times (s) |",
              "|---|---|---|---|---|---|---|"]
     body += [f"| {' | '.join(r)} |" for r in latency_rows]
