@@ -217,7 +217,8 @@ def concurrent_sessions(browser, url: str, n: int, rounds: int = 2) -> dict:
             pg.get_by_role("button", name="Generate", exact=True).click()
         for pg, _ in pages:
             pg.get_by_text(f"Sample {r + 1}", exact=True).wait_for(timeout=600_000)
-            viewer_frame(pg).wait_for_function("() => document.body.dataset.ready === '1'", timeout=300_000)
+            viewer_frame(pg).wait_for_function("() => document.body && document.body.dataset.ready === '1'",
+                                               timeout=300_000)  # the body is null while the iframe reloads
             shown += 1
         for pg, _ in pages:
             wait_for_script(pg)
