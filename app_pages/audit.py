@@ -16,7 +16,6 @@ from synthbrain.privacy import histogram_figure
 REPORT = "aud_report"            # (AuditReport, {sample id: gallery number})
 
 bundle = common.current_bundle()
-st.title("Audit samples for memorisation")
 st.markdown(
     "Generative models can reproduce their training scans. Before synthetic brains are shared, each one is "
     "compared with every training subject: by image (correlation of its deviation from the average brain, inside "

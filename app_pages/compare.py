@@ -27,7 +27,6 @@ def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str
 
 
 bundle = common.current_bundle()
-st.title("Compare a scan with its reconstruction")
 st.markdown("The VQ-VAE (stage 1) squeezes a whole brain into a small grid of codes and decodes it back. "
             "How close the decoded brain is to the scan shows what the model keeps and what it loses. "
             "The scan is first resampled onto the model's grid "

@@ -18,8 +18,7 @@ MAX_GALLERY = 12                 # oldest samples are dropped beyond this many .
 MAX_GALLERY_BYTES = 120 * 2**20  # ... or this much memory (a 1 mm sample is ~30 MB), keeping at least 2
 VOLUME_CONDITIONS = ("ventricular_volume", "brain_volume")
 
-bundle = common.sampling_page("Generate a synthetic brain",
-                              "cannot generate; it can still reconstruct scans on the Compare page.")
+bundle = common.sampling_page("cannot generate; it can still reconstruct scans on the Compare page.")
 schema = bundle.schema
 
 # ------------------------------------------------------------------------------------- controls

@@ -55,7 +55,6 @@ weights = bundle.config["autoencoder"].get("sha256", "")
 n_voxels = int(np.prod(grid.shape))
 n_codes = int(np.prod(latent_shape[1:]))
 
-st.title("Learn: how a synthetic brain is made")
 st.markdown(
     "SynthBrain makes a brain in two stages, after the King's College London Synthetic Brain Project. "
     "**Stage 1**, a VQ-VAE, learns to squeeze a whole 3D scan into a small grid of codes and back. "

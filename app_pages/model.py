@@ -11,7 +11,7 @@ from app_support import common
 from synthbrain.tuning import find_summary
 
 bundle = common.current_bundle()
-st.title(f"Model: {bundle.name}")
+st.subheader(f"Bundle: {bundle.name}")
 # the folder's name only: the page may be served to people who have no business knowing the server's folders
 st.caption(f"Bundle folder: `{Path(bundle.path).name}` · grid {bundle.grid.name} "
            f"({' x '.join(map(str, bundle.grid.shape))} at {bundle.grid.spacing:g} mm)")

@@ -20,7 +20,7 @@ RESULT_FOR = "traj_result_for"   # what it started from: "seed" or the scan's ke
 PLAY_SECONDS = 0.5               # per frame while the viewer plays the series
 STARTS = {"seed": "A seed: a new synthetic brain", "scan": "A real scan: edit it, keeping the subject"}
 
-bundle = common.sampling_page("Trajectories: one brain through age", "cannot generate a series.")
+bundle = common.sampling_page("cannot generate a series.")
 schema = bundle.schema
 population = bundle.population
 axis = series.axis_name(schema)

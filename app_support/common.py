@@ -108,10 +108,17 @@ def _import_model_code() -> None:
     import synthbrain.sampling  # noqa: F401  (diffusers)
 
 
-# The first page after start-up imports torch, MONAI and diffusers before it can load a bundle: start
-# that here, in the background, when the app's first script run imports this module, so it overlaps
-# with the browser drawing the page (imports are per-module locked, so a page that needs them waits).
-threading.Thread(target=_import_model_code, name="synthbrain-imports", daemon=True).start()
+_importing = threading.Lock()
+
+
+def import_model_code() -> None:
+    """Import torch, MONAI and diffusers in a background thread, once per process. The first page after
+    start-up needs them before it can load a bundle: ``app.py`` starts this as soon as the page's heading
+    is out, so the imports overlap with the browser drawing the page (imports are per-module locked, so
+    a page that needs them meanwhile waits for them). Started any earlier, the import would hold the
+    interpreter while the heading waits."""
+    if _importing.acquire(blocking=False):
+        threading.Thread(target=_import_model_code, name="synthbrain-imports", daemon=True).start()
 
 
 def warm_generator(path: str, device: str) -> None:
@@ -171,16 +178,15 @@ PHANTOM_NOTE = ("This demo model was trained on a **phantom** cohort: the MNI152
                 "phantom's, not a real brain's.")
 
 
-def sampling_page(title: str, without_prior: str):
-    """The head of a page that samples: title, the synthetic-data note, the phantom note where it
-    applies; stops with ``without_prior`` if the chosen bundle cannot sample. Returns the bundle.
+def sampling_page(without_prior: str):
+    """The head of a page that samples, under the heading ``app.py`` drew: the synthetic-data note, the
+    phantom note where it applies; stops with ``without_prior`` if the chosen bundle cannot sample.
+    Returns the bundle.
 
-    The title and note are drawn before anything heavy is imported or loaded (torch, the bundle:
-    seconds on the first visit after start-up), so the page shows itself at once; then the bundle
-    loads (a spinner) and the generator is built in the background (:func:`warm_generator`)."""
+    The note is drawn before the bundle loads (seconds on the first visit after start-up); then the
+    bundle loads (a spinner) and the generator is built in the background (:func:`warm_generator`)."""
     from synthbrain.export import SYNTHETIC_NOTE
 
-    st.title(title)
     st.caption(SYNTHETIC_NOTE)
     bundle = current_bundle()
     if bundle.has_prior:

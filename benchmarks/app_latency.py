@@ -3,8 +3,10 @@
     OMP_NUM_THREADS=1 python benchmarks/app_latency.py [--repeats 5] [--sessions 5] [--concurrent 6]
         [--frames 13] [--threads N]
 
-1. First paint: from ``page.goto`` to the page's title on screen, for the first visit after the server
-   started (nothing imported or loaded yet) and for a later visit. Goal (issue 14): <= 1 s.
+1. First paint: from the start of the navigation to the page's title in the document (the browser's
+   clock), for the first visit after the server started (nothing imported or loaded yet), a later
+   visit from a new browser profile (Streamlit's scripts downloaded and compiled again) and a
+   returning browser (a reload: its cache holds them). Goal (issue 14): <= 1 s.
 2. Generate latency: from the click on Generate to the viewer having drawn the new sample (its
    frame reports the new files loaded and two animation frames have passed), with the bundle's
    default steps and guidance. The first click (model warm-up: generator built, NiiVue loaded) is
@@ -39,13 +41,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-from e2e_helpers import CHROMIUM, CHROMIUM_ARGS, VIEWER_FRAME, Server, open_app_page, wait_for_script  # noqa: E402
+from e2e_helpers import (  # noqa: E402
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    VIEWER_FRAME,
+    Server,
+    app_context,
+    open_app_page,
+    wait_for_script,
+)
 
-try:  # the helpers' script-run counter (its pages are the only ones wait_for_script accepts)
-    from e2e_helpers import app_context  # noqa: E402
-except ImportError:
-    def app_context(browser, **options):
-        return browser.new_context(**{"viewport": {"width": 1500, "height": 1100}, **options})
+TITLE = "Generate a synthetic brain"
+# In every document of a first-paint context: the moment (performance.now(), 0 at the start of the
+# navigation, the browser's own clock) the Generate page's title enters the document.
+TITLE_SEEN = """(() => {
+  if (window.top !== window) return;
+  new MutationObserver((_, o) => {
+    if ([...document.querySelectorAll('h1')].some(h => h.innerText.includes(TITLE))) {
+      window.__sbTitleAt = performance.now(); o.disconnect(); }
+  }).observe(document, {subtree: true, childList: true, characterData: true});
+})();""".replace("TITLE", repr(TITLE))
 
 
 def rss_mb(pid: int) -> float:
@@ -104,12 +119,18 @@ def reconstruct_template(page, url: str) -> None:
     wait_for_script(page)
 
 
-def first_paint(page, url: str) -> float:
-    """Seconds from navigation to the Generate page's title on screen."""
-    t0 = time.perf_counter()
-    page.goto(url)
-    page.get_by_text("Generate a synthetic brain").wait_for(timeout=120_000)
-    return time.perf_counter() - t0
+def first_paint(page, url: str | None = None) -> float:
+    """Seconds from the start of the navigation to ``url`` (None: a reload) to the Generate page's title
+    in the document, by the browser's clock; ``page`` is of a context with TITLE_SEEN."""
+    page.goto(url) if url else page.reload()
+    page.get_by_text(TITLE).wait_for(timeout=120_000)
+    return page.evaluate("() => window.__sbTitleAt") / 1000
+
+
+def paint_context(browser):
+    context = app_context(browser)
+    context.add_init_script(TITLE_SEEN)
+    return context
 
 
 def live_ageing(page, url: str, frames: int) -> dict:
@@ -217,6 +238,8 @@ def concurrent_sessions(browser, url: str, n: int, rounds: int = 2) -> dict:
             pg.get_by_role("button", name="Generate", exact=True).click()
         for pg, _ in pages:
             pg.get_by_text(f"Sample {r + 1}", exact=True).wait_for(timeout=600_000)
+            # in view: Chromium runs no animation frames in an iframe off screen, and the viewer is ready after one
+            pg.locator(VIEWER_FRAME).first.scroll_into_view_if_needed()
             viewer_frame(pg).wait_for_function("() => document.body && document.body.dataset.ready === '1'",
                                                timeout=300_000)  # the body is null while the iframe reloads
             shown += 1
@@ -253,16 +276,23 @@ def main() -> None:
         rows.append(("server RSS, idle (MB)", f"{rss_mb(server.pid):.0f}"))
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            ctx = app_context(browser)
-            page = ctx.new_page()
+            page = paint_context(browser).new_page()
             page.set_default_timeout(180_000)
             cold_paint = first_paint(page, server.url)
             wait_for_script(page)
-            again = app_context(browser).new_page()
-            warm_paint = first_paint(again, server.url)
+            again = paint_context(browser).new_page()
+            later = [first_paint(again, server.url)]
+            wait_for_script(again)
+            returning = []
+            for _ in range(3):
+                returning.append(first_paint(again))
+                wait_for_script(again)
             again.context.close()
-            rows.append(("first paint: open -> page title on screen, first visit after start (s)", f"{cold_paint:.2f}"))
-            rows.append(("first paint: open -> page title on screen, a later visit (s)", f"{warm_paint:.2f}"))
+            rows.append(("first paint: open -> page title on screen, first visit after start, new browser profile (s)",
+                         f"{cold_paint:.2f}"))
+            rows.append(("first paint: a later visit, new browser profile (nothing cached) (s)", f"{later[0]:.2f}"))
+            rows.append(("first paint: a returning browser (the app's scripts in its cache), median of 3 (s)",
+                         f"{statistics.median(returning):.2f}"))
             cold = click_generate(page, 1)
             wait_for_script(page)
             rows.append(("server RSS, bundle loaded, 1 sample (MB)", f"{rss_mb(server.pid):.0f}"))

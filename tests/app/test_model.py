@@ -24,7 +24,7 @@ def test_model_page_shows_card_and_schema():
     bundle = load_bundle()
     at = open_page("model")
     assert not at.exception
-    assert f"Model: {bundle.name}" in texts(at)
+    assert f"Bundle: {bundle.name}" in texts(at)
     assert "Intended use" in texts(at)  # from MODEL_CARD.md
     conditions = frame(at.dataframe[0].value)
     assert conditions["name"] == bundle.schema.names

@@ -14,9 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import numpy as np
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -78,30 +80,46 @@ class Server:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-# Counts the script runs a page has seen end: Streamlit's app root says its run state in
-# data-test-script-state ("running", "rerunRequested", ... "notRunning"); each change into "notRunning"
-# is a run that finished. In every new document of a context from app_context(), before the app's code.
-RUN_COUNTER = """(() => {
-  if (window.top !== window || window.__sbRuns !== undefined) return;
-  window.__sbRuns = 0;
-  window.__sbSeen = 0;
-  new MutationObserver(changes => {
-    for (const c of changes)
-      if (c.target.getAttribute('data-test-script-state') === 'notRunning' && c.oldValue !== 'notRunning')
-        window.__sbRuns += 1;
-  }).observe(document, {subtree: true, attributes: true, attributeOldValue: true,
-                        attributeFilter: ['data-test-script-state']});
-})();"""
+class ScriptRuns:
+    """The app's script runs one page has seen finish, counted from the server's own messages: each run
+    ends with one ``script_finished`` ForwardMsg on the page's websocket (read with Streamlit's protobuf
+    classes). The run state that the page shows (``data-test-script-state``) cannot count them: React
+    may draw a short run's "running" and "notRunning" in one commit, and no change is seen (measured:
+    1 of 40 clicks on a radio button; a test waiting for that run hung)."""
 
-SCRIPT_DONE = """() => window.__sbRuns > window.__sbSeen
-  && document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState === 'notRunning'
+    def __init__(self) -> None:
+        self.finished = self.seen = 0
+
+    def socket(self, ws) -> None:
+        if ws.url.endswith("/_stcore/stream"):
+            self.finished = self.seen = 0  # a new document: a session of its own
+            ws.on("framereceived", self.frame)
+
+    def frame(self, payload) -> None:
+        if isinstance(payload, bytes):
+            msg = ForwardMsg.FromString(payload)
+            # a run stopped for a rerun is followed by that rerun: only the last of them counts
+            early = ForwardMsg.FINISHED_EARLY_FOR_RERUN
+            if msg.WhichOneof("type") == "script_finished" and msg.script_finished != early:
+                self.finished += 1
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # page -> ScriptRuns
+
+# the page is idle: its app says no run is going on and shows no "Running..." widget
+IDLE = """() => document.querySelector('[data-testid="stApp"]')?.dataset.testScriptState === 'notRunning'
   && !document.querySelector('[data-testid="stStatusWidget"]')"""
+
+
+def _count_runs(page) -> None:
+    runs = _RUNS[page] = ScriptRuns()
+    page.on("websocket", runs.socket)
 
 
 def app_context(browser, **options):
     """A browser context (a session of its own: cookies, storage) whose pages count the app's script runs."""
     context = browser.new_context(**{"viewport": {"width": 1500, "height": 1100}, **options})
-    context.add_init_script(RUN_COUNTER)
+    context.on("page", _count_runs)
     return context
 
 
@@ -109,10 +127,16 @@ def wait_for_script(page, timeout_ms: int = 120_000) -> None:
     """Until a script run this page has not waited for yet has finished and no other runs: call it
     after whatever triggers a run (a click, a key, opening the page); a run that ended before the
     call counts, so nothing waits for a run to begin."""
-    if page.evaluate("() => window.__sbRuns === undefined"):
+    runs = _RUNS.get(page)
+    if runs is None:
         raise AssertionError("wait_for_script needs a page of a context from app_context(browser)")
-    page.wait_for_function(SCRIPT_DONE, timeout=timeout_ms)
-    page.evaluate("() => { window.__sbSeen = window.__sbRuns; }")
+    deadline = time.monotonic() + timeout_ms / 1000
+    while runs.finished <= runs.seen:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no script run of this page finished within {timeout_ms / 1000:g} s")
+        page.wait_for_timeout(20)  # Playwright hands over the socket's frames while it waits
+    page.wait_for_function(IDLE, timeout=max(1000.0, (deadline - time.monotonic()) * 1000))
+    runs.seen = runs.finished
 
 
 PAGES = {"": "Generate a synthetic brain", "/compare": "Compare a scan with its reconstruction",

@@ -31,14 +31,14 @@ def test_a_deep_link_on_a_fresh_server_gets_the_app(page, server):
 def test_generate_draws_the_brain(page, server):
     """Generate draws the sample; the viewer's readout, window/level and radiological switch; its state
     survives a sidebar change and a new sample; its PNG screenshot, measured-mask overlays with colour
-    bars and opacity, and the 3D clip plane."""
+    bars and opacity, and the 3D clip plane; the gallery reopens, downloads and deletes samples."""
     from PIL import Image
 
     open_app_page(page, server.url)
     assert "not a scan of any person" in page.inner_text("body")
 
     age = page.locator('[data-testid="stSlider"]').filter(has_text="Age (years)").locator("input[type=range]")
-    start = float(age.input_value())
+    start = start_age = float(age.input_value())
     age.focus()
     for _ in range(5):
         age.press("ArrowRight")
@@ -99,6 +99,7 @@ def test_generate_draws_the_brain(page, server):
     until(lambda: state().get("radiological") is True and state().get("window"), "the state is recorded")
 
     steps = page.locator('[data-testid="stSlider"]').filter(has_text="Denoising steps").locator("input[type=range]")
+    first_steps = int(steps.input_value())
     steps.focus()
     steps.press("ArrowRight")
     wait_for_script(page)
@@ -139,6 +140,27 @@ def test_generate_draws_the_brain(page, server):
     until(lambda: np.abs(canvas_pixels(canvas).astype(int) - whole).mean() > 1, "the clip plane cuts the 3D render")
     assert state()["clip"]["axis"] == "coronal" and state()["view"] == "render"
     page.screenshot(path="/tmp/synthbrain-e2e-viewer-state.png")
+
+    # the gallery: the older sample is reopened in the same viewer, downloaded, and the newer deleted
+    seeds = {n: int(re.search(rf"Sample {n}: .*? · seed (\d+)", page.inner_text("body")).group(1)) for n in (1, 2)}
+    revision = frame.locator("body").get_attribute("data-revision")
+    page.locator(".st-key-gen_open_1 button:visible").click()
+    page.get_by_text("Sample 1", exact=True).wait_for()
+    wait_for_script(page)
+    assert re.search(rf"· seed {seeds[1]} · {first_steps} steps", page.inner_text("body"))  # the line under the title
+    until(lambda: frame.locator('body[data-ready="1"]').get_attribute("data-revision") != revision,
+          "the reopened sample is in the viewer")
+    assert page.evaluate("([a, b]) => a === b", [iframe, page.locator(VIEWER_FRAME).first.element_handle()])
+    assert page.locator(".st-key-gen_open_1 button:visible").is_disabled()  # it is the one shown
+    with page.expect_download() as dl:
+        page.locator(".st-key-gen_dl_1 button:visible").click()
+    with zipfile.ZipFile(dl.value.path()) as z:
+        sidecar = json.loads(z.read(next(n for n in z.namelist() if n.endswith(".json"))))
+    assert (sidecar["Seed"], sidecar["Steps"], sidecar["Conditions"]["age"]) == (seeds[1], first_steps, start_age + 5)
+    page.locator(".st-key-gen_del_2 button:visible").click()
+    page.get_by_text("This session's samples (1)").wait_for()
+    wait_for_script(page)
+    assert page.locator(".st-key-gen_open_2").count() == 0 and page.get_by_text("Sample 1", exact=True).is_visible()
 
 
 def upload_on_compare(page, server, path) -> None:
