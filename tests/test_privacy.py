@@ -19,7 +19,7 @@ from synthbrain.data.bids import BIDSDataset
 from synthbrain.errors import ConfigError
 from synthbrain.privacy import AuditSettings, audit
 
-TRAIN, CALIBRATE = 10, 6   # of the 20 subjects of the large phantom cohort; the other 4 are unseen test subjects
+TRAIN, CALIBRATE, UNSEEN = 8, 6, 4  # of the 20 subjects of the large phantom cohort
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +40,25 @@ def splits(large_phantom_cohort):
     def part(sel):
         return BIDSDataset(root, grid=b.grid, schema=images, subjects=sel)
 
-    return b, part(labels[:TRAIN]), part(labels[TRAIN:TRAIN + CALIBRATE]), part(labels[TRAIN + CALIBRATE:])
+    unseen = labels[TRAIN + CALIBRATE:TRAIN + CALIBRATE + UNSEEN]
+    return b, part(labels[:TRAIN]), part(labels[TRAIN:TRAIN + CALIBRATE]), part(unseen)
 
 
-def planted_copies(train, n: int = 2) -> list[tuple[str, np.ndarray]]:
-    """Copies of training volumes: plain, with light noise, moved by 1-2 voxels, with a small
-    intensity change and with a small affine jitter (2 degrees, a fraction of a voxel)."""
+def planted_copies(train) -> list[tuple[str, np.ndarray]]:
+    """Copies of training volumes: plain copies of subjects 0 and 1, and of subject 1 with light noise,
+    moved by 1-2 voxels, with a small intensity change and with a small affine jitter (2 degrees, a
+    fraction of a voxel)."""
     rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        v = train.volume(i)
-        c = (np.array(v.shape) - 1) / 2
-        a = np.deg2rad(2.0)
-        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-        jitter = ndi.affine_transform(v, rot, offset=c - rot @ c + np.array([0.4, -0.3, 0.2]), order=1)
-        out += [(f"copy-{i}", v),
-                (f"noise-{i}", np.clip(v + rng.normal(0, 0.02, v.shape), 0, 1)),
-                (f"shift-{i}", np.roll(v, (1, -2, 1), axis=(0, 1, 2))),
-                (f"intensity-{i}", np.clip(1.05 * v + 0.01, 0, 1)),
-                (f"affine-{i}", jitter)]
+    v = train.volume(1)
+    c = (np.array(v.shape) - 1) / 2
+    a = np.deg2rad(2.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    jitter = ndi.affine_transform(v, rot, offset=c - rot @ c + np.array([0.4, -0.3, 0.2]), order=1)
+    out = [("copy-0", train.volume(0)), ("copy-1", v),
+           ("noise-1", np.clip(v + rng.normal(0, 0.02, v.shape), 0, 1)),
+           ("shift-1", np.roll(v, (1, -2, 1), axis=(0, 1, 2))),
+           ("intensity-1", np.clip(1.05 * v + 0.01, 0, 1)),
+           ("affine-1", jitter)]
     return [(k, x.astype(np.float32)) for k, x in out]
 
 
@@ -69,13 +69,14 @@ def test_planted_copies_are_flagged_and_unseen_subjects_are_not(splits):
     # two of the calibration subjects audited again: the threshold is their maximum, so none may pass it
     held = [(f"held-out-{lab}", calibrate.volume(i)) for i, lab in enumerate(calibrate.labels[:2])]
     others = [(f"unseen-{lab}", unseen.volume(i)) for i, lab in enumerate(unseen.labels)]
-    report = audit(copies + held + others, train, calibrate, bundle, AuditSettings(jobs=2))
+    # a shortlist of 3 of the 8 training subjects (by the encoder's features) is searched over shifts and turns
+    report = audit(copies + held + others, train, calibrate, bundle, AuditSettings(jobs=2, shortlist=3))
     rows = {r["id"]: r for r in report.samples}
     missed = [k for k, _ in copies if not rows[k]["flagged"]]
     assert not missed, f"copies not flagged: {missed}"
-    for i in range(2):  # and each copy is matched to the subject it was copied from
-        assert rows[f"copy-{i}"]["nearest_by_image"] == train.labels[i]
-        assert rows[f"shift-{i}"]["shift_voxels"] == [1, -2, 1] and rows[f"shift-{i}"]["correlation"] > 0.999
+    # and each copy is matched to the subject it was copied from
+    assert [rows[k]["nearest_by_image"] for k, _ in copies] == [train.labels[0]] + [train.labels[1]] * 5
+    assert rows["shift-1"]["shift_voxels"] == [1, -2, 1] and rows["shift-1"]["correlation"] > 0.999
     wrongly = [k for k, _ in held if rows[k]["flagged"]]
     assert not wrongly, f"held-out subjects flagged at the threshold calibrated on them: {wrongly}"
     # subjects the calibration never saw: every planted copy is closer to the training set than any of them
