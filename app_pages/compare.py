@@ -1,4 +1,5 @@
-"""Compare: a real (or template / phantom) scan beside its VQ-VAE reconstruction, crosshair locked."""
+"""Compare: a real (or template / phantom) scan beside its stage-1 reconstruction (VQ-VAE, or an imported
+KL autoencoder), crosshair locked."""
 
 from __future__ import annotations
 
@@ -27,16 +28,25 @@ def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str
 
 
 bundle = common.current_bundle()
-st.markdown("The VQ-VAE (stage 1) squeezes a whole brain into a small grid of codes and decodes it back. "
-            "How close the decoded brain is to the scan shows what the model keeps and what it loses. "
-            "The scan is first resampled onto the model's grid "
-            f"({bundle.grid.name}: {' x '.join(map(str, bundle.grid.shape))} voxels at {bundle.grid.spacing:g} mm) "
-            "and its intensities normalised; it must be a brain-extracted T1 aligned to MNI space (an upload that is "
-            "not can be prepared here first).")
+whole_head = common.whole_head(bundle)
+on_grid = (f"({bundle.grid.name}: {' x '.join(map(str, bundle.grid.shape))} voxels at {bundle.grid.spacing:g} mm)")
+if getattr(bundle.autoencoder.config, "kind", None) == "kl":
+    st.markdown("This model's autoencoder (stage 1, a KL autoencoder) squeezes a whole head into a small grid of "
+                "continuous values and decodes it back. How close the decoded head is to the scan shows what the "
+                f"model keeps and what it loses. The scan is first resampled onto the model's grid {on_grid}"
+                + (" and min-max normalised to [0, 1] over the whole head, as the model's training data were; it "
+                   "must be a T1 aligned to MNI space, **with** its skull (a brain-extracted scan is not what this "
+                   "model was trained on)." if whole_head else " and its intensities normalised."))
+else:
+    st.markdown("The VQ-VAE (stage 1) squeezes a whole brain into a small grid of codes and decodes it back. "
+                "How close the decoded brain is to the scan shows what the model keeps and what it loses. "
+                f"The scan is first resampled onto the model's grid {on_grid} "
+                "and its intensities normalised; it must be a brain-extracted T1 aligned to MNI space (an upload "
+                "that is not can be prepared here first).")
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")
 
-scan = scans.scan_picker("cmp", bundle.grid)
+scan = scans.scan_picker("cmp", bundle.grid, whole_head=whole_head)
 go = st.button("Reconstruct", type="primary", disabled=scan is None, key="cmp_go")
 if go and scan is not None:
     try:

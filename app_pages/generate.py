@@ -42,10 +42,7 @@ with st.sidebar:
     prior_cfg = bundle.prior.config
     steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="gen_steps",
                       help="Solver steps (DPM-Solver++): more is slower; past about 5 it changes little.")
-    guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="gen_guidance",
-                         help="Classifier-free guidance: how strongly the conditions are followed (1 = none).")
-    if note := common.guidance_warning(bundle, guidance):
-        st.warning(note, icon=":material/warning:")
+    guidance = common.guidance_control(bundle, "gen_guidance")
     go = st.button("Generate", type="primary", width="stretch", key="gen_go")
 
 # ----------------------------------------------------------------------------------- generation

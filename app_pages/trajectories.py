@@ -32,7 +32,7 @@ start = st.radio("Start from", list(STARTS), format_func=STARTS.__getitem__, hor
                       "and denoised under each frame's conditions (SDEdit).")
 scan = None
 if start == "scan":
-    scan = scans.scan_picker("traj", bundle.grid)
+    scan = scans.scan_picker("traj", bundle.grid, whole_head=common.whole_head(bundle))
     if scan is not None and scan.details:
         st.caption(scan.details)
 started_from = "seed" if start == "seed" else scan.key if scan is not None else None
@@ -87,9 +87,7 @@ with st.sidebar:
                            help="The same seed at every frame: one brain, not a new one per age.")
     prior_cfg = bundle.prior.config
     steps = st.slider("Denoising steps", 1, 100, int(prior_cfg.default_steps), key="traj_steps")
-    guidance = st.slider("Guidance", 0.0, 10.0, float(prior_cfg.default_guidance), step=0.5, key="traj_guidance")
-    if note := common.guidance_warning(bundle, guidance):
-        st.warning(note, icon=":material/warning:")
+    guidance = common.guidance_control(bundle, "traj_guidance")
     strength = 0.5
     if start == "scan":
         strength = st.slider("Edit strength", 0.1, 1.0, 0.5, step=0.05, key="traj_strength",
@@ -108,7 +106,7 @@ if go:
         if scan is not None and start == "scan":
             from synthbrain.data.preprocess import preprocess
 
-            source = preprocess(scan.volume, bundle.grid)[0]
+            source = preprocess(scan.volume, bundle.grid, bundle.config.get("intensity"))[0]
         generator = common.generator_cached(str(bundle.path), common.device())
         job = partial(series.build_trajectory, generator, bundle, conditions, axis=axis, seed=int(seed),
                       steps=int(steps), guidance=float(guidance), source=source,

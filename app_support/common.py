@@ -140,6 +140,25 @@ def guidance_warning(bundle, guidance: float | None) -> str | None:
     return warning(bundle, guidance)
 
 
+NO_GUIDANCE = ("No guidance control: this model was trained with its conditions always present (no "
+               "classifier-free guidance), so it follows them at guidance 1, one network pass a step.")
+
+
+def guidance_control(bundle, key: str) -> float:
+    """The guidance slider (and its out-of-range warning), or for a bundle without classifier-free
+    guidance a caption saying why there is none: such a bundle samples at guidance 1 only (the library
+    refuses any other value)."""
+    cfg = bundle.prior.config
+    if not getattr(cfg, "classifier_free_guidance", True):
+        st.caption(NO_GUIDANCE)
+        return 1.0
+    guidance = st.slider("Guidance", 0.0, 10.0, float(cfg.default_guidance), step=0.5, key=key,
+                         help="Classifier-free guidance: how strongly the conditions are followed (1 = none).")
+    if note := guidance_warning(bundle, guidance):
+        st.warning(note, icon=":material/warning:")
+    return guidance
+
+
 def bundle_sidebar() -> str:
     """The sidebar's bundle picker; returns the chosen bundle folder (kept across pages)."""
     choices = bundle_choices()
@@ -165,6 +184,14 @@ def current_bundle():
     except SynthBrainError as e:
         show_error(e)
         st.stop()
+
+
+def whole_head(bundle) -> bool:
+    """Whether the bundle was trained on whole-head images (its config's ``intensity``: an imported
+    model-zoo LDM), so scans are taken with skull and scalp and min-max normalised."""
+    from synthbrain.data.preprocess import is_whole_head
+
+    return is_whole_head(bundle.config.get("intensity"))
 
 
 def is_phantom(bundle) -> bool:

@@ -110,6 +110,7 @@ class Position:
     done: bool
     ahead: int
     step: tuple[int, int] | None     # (i, n) of its latest on_step
+    stage: str | None = None         # its latest on_step's info["stage"] ("decode": the latent is being decoded)
 
 
 class Job:
@@ -121,12 +122,14 @@ class Job:
         self.future: Future = Future()
         self.started = False
         self.step: tuple[int, int] | None = None
+        self.stage: str | None = None
         self.submitted = time.monotonic()
         self.start_time: float | None = None
 
     def on_step(self, i: int, n: int, info: dict | None = None) -> None:
         with self._queue.changed:
             self.step = (int(i), int(n))
+            self.stage = (info or {}).get("stage")
             self._queue.bump()
 
     def position(self) -> Position:
@@ -242,7 +245,7 @@ class JobQueue:
             done = job.future.done()
             waiting = not (job.started or done) and job in self._waiting
             ahead = max(0, len(self._running) + self._waiting.index(job) - self.workers + 1) if waiting else 0
-            return Position(job.started, done, ahead, job.step)
+            return Position(job.started, done, ahead, job.step, job.stage)
 
     @property
     def running(self) -> int:
@@ -299,6 +302,17 @@ def jobs_text(n: int) -> str:
     return f"{n} job{'s' if n != 1 else ''}"
 
 
+def progress_text(text: str, pos: Position) -> str:
+    """The progress bar's words for a running job: ``text`` and the step it reported; a decode (a step
+    of its own, the longest at 1 mm) is named as what it is."""
+    if pos.step is None:
+        return text
+    i, n = pos.step
+    if pos.stage == "decode":
+        return f"{text} decoding the latent into a volume (step {i + 1} of {n})"
+    return f"{text} step {i} of {n}"
+
+
 def run(fn: Callable[[OnStep], T], text: str, *, show: bool = True) -> T:
     """Run ``fn(on_step)`` in the server's job queue and return its result (or raise its error) in
     this session's script thread. While it waits: "Waiting for the model: N jobs ahead of yours";
@@ -325,10 +339,9 @@ def run(fn: Callable[[OnStep], T], text: str, *, show: bool = True) -> T:
                               f"(other sessions' work; {queue.workers} at a time).", icon=":material/hourglass:")
             else:
                 i, n = pos.step or (0, 1)
-                now = ("run", i, n)
+                now = ("run", i, n, pos.stage)
                 if now != drawn:
-                    slot.progress(min(max(i / max(n, 1), 0.0), 1.0),
-                                  text=f"{text} step {i} of {n}" if pos.step else text)
+                    slot.progress(min(max(i / max(n, 1), 0.0), 1.0), text=progress_text(text, pos))
             version = queue.wait_for_change(seen, timeout=1.0)
             # nothing changed for a second: draw again anyway, because drawing is where Streamlit
             # stops a script whose user has moved on (and then ``finally`` takes the job out)

@@ -268,9 +268,12 @@ def metrics_rows(recon) -> list[dict]:
 def compression_rows(recon) -> list[dict]:
     c = recon.compression
     rows = [{"Figure": "Latent grid (channels x X x Y x Z)", "Value": " x ".join(str(n) for n in c["latent_shape"])},
-            {"Figure": "Latent values per voxel", "Value": f"{100 * c['latent_values_per_voxel']:.3f} %"},
-            {"Figure": "Code bits / bits of a 16-bit volume",
-             "Value": f"{100 * c['latent_bits_per_volume_bits']:.3f} %"}]
+            {"Figure": "Latent values per voxel", "Value": f"{100 * c['latent_values_per_voxel']:.3f} %"}]
+    if "latent_bits_per_volume_bits" not in c:  # a KL autoencoder: a continuous latent, no codes
+        rows.append({"Figure": "Latent", "Value": "continuous (real numbers, no codebook)"})
+        return rows
+    rows.append({"Figure": "Code bits / bits of a 16-bit volume",
+                 "Value": f"{100 * c['latent_bits_per_volume_bits']:.3f} %"})
     if c.get("latent_bits_per_volume_bits"):
         rows.append({"Figure": "Compression ratio (16-bit volume : codes)",
                      "Value": f"{1 / c['latent_bits_per_volume_bits']:.0f} : 1"})

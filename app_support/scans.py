@@ -51,9 +51,11 @@ def builtin_scan(source: str, index: int, grid_name: str) -> Scan:
                 provenance=SYNTHETIC)
 
 
-def scan_picker(key: str, grid) -> Scan | None:
+def scan_picker(key: str, grid, whole_head: bool = False) -> Scan | None:
     """Widgets to choose a scan (radio, phantom number, uploader); the chosen scan, or None while
-    there is none (no upload yet, or a bad one: its message is shown)."""
+    there is none (no upload yet, or a bad one: its message is shown). ``whole_head``: the model was
+    trained on whole heads, so an upload is taken with its skull (aligned to MNI space, not brain-extracted)
+    and is not offered the brain-extracting Prepare step."""
     source = st.radio("Scan", list(SOURCES), format_func=SOURCES.__getitem__, horizontal=True, key=f"{key}_source")
     if source == "template":
         return builtin_scan("template", 0, grid.name)
@@ -62,7 +64,8 @@ def scan_picker(key: str, grid) -> Scan | None:
                                 key=f"{key}_phantom", help="Subject number in the phantom cohort "
                                 "(`synthbrain cohort --seed 0`)")
         return builtin_scan("phantom", int(index), grid.name)
-    file = st.file_uploader("T1-weighted NIfTI (.nii or .nii.gz), brain-extracted, in MNI space",
+    file = st.file_uploader("T1-weighted NIfTI (.nii or .nii.gz), " + ("whole head (with skull), rigidly aligned to "
+                            "MNI space" if whole_head else "brain-extracted, in MNI space"),
                             type=["nii", "nii.gz"], key=f"{key}_file",
                             help="The file stays in this browser session; it is never written to disk or shared. "
                                  "A scan that is not brain-extracted or not in MNI space gets a **Prepare it** "
@@ -72,22 +75,24 @@ def scan_picker(key: str, grid) -> Scan | None:
     data = file.getvalue()
     digest = hashlib.sha256(data).hexdigest()[:16]
     cached = st.session_state.get(f"{key}_upload")
-    if not cached or cached[0] != digest:
+    if not cached or cached[0] != (digest, whole_head):
         from synthbrain.data.prepare import require_prepared
         from synthbrain.io import volume_from_bytes
 
         try:
             volume = volume_from_bytes(data, file.name)
-            with st.spinner("Checking that the scan is brain-extracted and in MNI space…"):
-                require_prepared(volume, grid)  # a native-space or whole-head scan would give nonsense
-            cached = (digest, volume, None)
+            with st.spinner("Checking that the scan is in MNI space" + ("…" if whole_head else
+                                                                         " and brain-extracted…")):
+                # a native-space scan (or, for a brain-extracted model, a whole-head one) would give nonsense
+                require_prepared(volume, grid, whole_head=whole_head)
+            cached = ((digest, whole_head), volume, None)
         except UnpreparedVolumeError as e:  # readable, but not brain-extracted / in MNI space: keep it to prepare
-            cached = (digest, volume, str(e))
+            cached = ((digest, whole_head), volume, str(e))
         except SynthBrainError as e:
-            cached = (digest, None, str(e))
+            cached = ((digest, whole_head), None, str(e))
         st.session_state[f"{key}_upload"] = cached
     _, volume, problem = cached
-    if problem and volume is not None:
+    if problem and volume is not None and not whole_head:  # Prepare brain-extracts: not for a whole-head model
         from app_support.prepare import prepare_step
 
         return prepare_step(key, digest, file.name, volume, problem, grid)

@@ -36,3 +36,7 @@ class UnpreparedVolumeError(InvalidVolumeError):
 
 class TrainingDiverged(SynthBrainError):
     """Training whose loss became NaN or infinite; the message names the step and the losses."""
+
+
+class InsufficientMemoryError(SynthBrainError):
+    """A job that needs more memory than the machine has free; refused before any of it is done."""

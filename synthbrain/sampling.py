@@ -222,6 +222,7 @@ class Generator:
         if bad := sorted(k for k in wanted if not 1 <= k <= steps):
             raise ConfigError(f"shown steps must be in 1..{steps}, got {bad}")
         context, _ = self.context([conditions or {}])
+        self.require_memory(1)
         return self._denoising_steps(context, seed, steps, guidance, wanted)
 
     def _denoising_steps(self, context: torch.Tensor, seed: int, steps: int, guidance: float,
@@ -266,6 +267,33 @@ class Generator:
     def guidance_warning(self, guidance: float | None) -> str | None:
         return guidance_warning(self.bundle, guidance)
 
+    def decode_memory(self, batch: int = 1) -> int:
+        """Bytes the decode of ``batch`` latents adds at its peak, from the autoencoder's config (sliced or
+        whole, as this generator decodes; see synthbrain.memory)."""
+        from synthbrain.memory import decode_bytes
+
+        return decode_bytes(self.autoencoder.config, self.grid.shape, sliced=self.sliced_decode, batch=batch)
+
+    def require_memory(self, batch: int = 1) -> None:
+        """Refuse (:class:`~synthbrain.errors.InsufficientMemoryError`) before any work when this device
+        has less memory free than the decode of ``batch`` latents needs."""
+        from synthbrain.memory import require_memory
+
+        require_memory(self.decode_memory(batch), self.device,
+                       f"decoding {'a' if batch == 1 else batch} {self.grid.name}-grid "
+                       f"({' x '.join(map(str, self.grid.shape))}) volume{'s' if batch > 1 else ''} "
+                       f"({'sliced' if self.sliced_decode else 'whole'})")
+
+    def _decode_step(self, latent: torch.Tensor, on_step: OnStep | None, done: int, total: int) -> torch.Tensor:
+        """:meth:`decode` as a progress step of its own (at 1 mm it takes longer than the denoising):
+        announced as ``(done, total, {"stage": "decode"})`` before it starts, ``done + 1`` after."""
+        if on_step is not None:
+            on_step(done, total, {"stage": "decode"})
+        vol = self.decode(latent)
+        if on_step is not None:
+            on_step(done + 1, total, {"stage": "decoded"})
+        return vol
+
     def _steps_and_guidance(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         steps = int(steps or self.config.default_steps)
         guidance = float(self.config.default_guidance if guidance is None else guidance)
@@ -293,14 +321,17 @@ class Generator:
             raise ConfigError(f"n must be >= 1, got {n}")
         steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context(conditions)
+        self.require_memory(min(n, batch_size))
         t0 = time.perf_counter()
         out: list[Sample] = []
-        total = steps * ((n + batch_size - 1) // batch_size)
+        # progress: each batch's solver steps, then its decode as one more step
+        total = (steps + 1) * ((n + batch_size - 1) // batch_size)
         for b in range(0, n, batch_size):
             seeds = list(range(seed + b, seed + min(n, b + batch_size)))
+            offset = (b // batch_size) * (steps + 1)
             x = self.denoise(self.noise(seeds), context[b:b + len(seeds)], steps, guidance, on_step,
-                             offset=(b // batch_size) * steps, total=total)
-            vols = self.decode(x).cpu().numpy()
+                             offset=offset, total=total)
+            vols = self._decode_step(x, on_step, offset + steps, total).cpu().numpy()
             for j, s in enumerate(seeds):
                 out.append(Sample(Volume(vols[j, 0], self.grid.affine, source=f"seed-{s}"), full[b + j], s,
                                   steps, guidance, info={"precision": self.precision}))
@@ -321,12 +352,14 @@ class Generator:
         steps, guidance = self._steps_and_guidance(steps, guidance)
         context, full = self.context([conditions])
         start = min(steps - 1, int(round(steps * (1.0 - strength))))
+        self.require_memory(1)
         scheduler = self.new_scheduler(steps, start)
         z0 = self.encode(volume) if latent is None else latent.to(self.device)
         noise = self.noise([seed]).to(self.device)
         x = scheduler.add_noise(z0, noise, scheduler.timesteps[start:start + 1])
-        x = self.denoise(x, context, steps, guidance, on_step, start_step=start, scheduler=scheduler)
-        vol = self.decode(x).cpu().numpy()[0, 0]
+        total = steps - start + 1  # the solver steps left, then the decode
+        x = self.denoise(x, context, steps, guidance, on_step, start_step=start, scheduler=scheduler, total=total)
+        vol = self._decode_step(x, on_step, total - 1, total).cpu().numpy()[0, 0]
         from synthbrain.export import source_digest
 
         return Sample(Volume(vol, self.grid.affine, source=f"edit-seed-{seed}"), full[0], seed, steps, guidance,
@@ -505,14 +538,14 @@ def sample_dataset(gen: Generator, out_dir: str | Path, conditions: Mapping[str,
     dist.all_gather_json(None, device)  # no rank writes a subject before the old index is gone
 
     batches = shard(n, batch_size, dist.rank, dist.world_size)
-    total = sum(steps + len(b) for b in batches)  # solver steps and subjects written
+    total = sum(steps + 1 + len(b) for b in batches)  # solver steps, decodes and subjects written
     done, rows, seconds = 0, [], []
     for b in batches:
         base = done
         part = gen.sample(conditions[b.start:b.stop], n=len(b), seed=seed + b.start, steps=steps, guidance=guidance,
                           batch_size=batch_size, on_step=None if on_step is None else (
                               lambda i, _n, info, base=base: on_step(base + i, total, info)))
-        done += steps
+        done += steps + 1  # the batch's solver steps and its decode
         for i, s in zip(b, part):
             rows.append([i, _write_subject(writer, i, s, gen.bundle, measure)])
             seconds.append(s.seconds)

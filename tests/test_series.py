@@ -90,17 +90,20 @@ def gen(tiny_bundle):
 def test_one_seed_through_age_is_the_samples_of_that_seed(gen):
     ages = series.axis_values(55.0, 85.0, 3)
     plan = series.plan_series(gen.schema, gen.bundle.population, "age", ages, {"sex": series.Setting("fixed", "M")})
-    steps: list[tuple[int, int]] = []
+    steps: list[tuple[int, int, dict]] = []
     traj = series.build_trajectory(gen, gen.bundle, plan, axis="age", seed=7, steps=2, guidance=2.0,
-                                   on_step=lambda i, n, info: steps.append((i, n)))
+                                   on_step=lambda i, n, info: steps.append((i, n, info)))
     assert traj.provenance == SYNTHETIC and not traj.is_edit and traj.axis_values == ages
     for f, cond in zip(traj.frames, plan):
         alone = gen.sample(cond, seed=7, steps=2, guidance=2.0)[0]
         assert np.array_equal(f.volume.data, alone.volume.data) and f.sample.conditions == alone.conditions
         assert f.display[:2] == b"\x1f\x8b"  # the viewer's gzip NIfTI
         assert f.measured is not None or f.measure_error
-    # progress over the whole job: 3 frames x 2 steps, then one per measured frame
-    assert [i for i, _ in steps] == list(range(1, 10)) and {n for _, n in steps} == {9}
+    # progress over the whole job: 3 frames x (2 steps, then the decode as a step of its own, announced
+    # as it starts), then one per measured frame
+    assert [i for i, _, info in steps if info.get("stage") != "decode"] == list(range(1, 13))
+    assert [i for i, _, info in steps if info.get("stage") == "decode"] == [2, 5, 8]
+    assert {n for _, n, _ in steps} == {12}
     assert traj.label(0) == "age 55 years" and traj.subject == "sub-synthseed7"
     with zipfile.ZipFile(io.BytesIO(traj.zip())) as z:
         assert len([n for n in z.namelist() if n.endswith(".nii.gz")]) == 3

@@ -109,11 +109,13 @@ def _coverage(volume: Volume, brain: np.ndarray) -> float:
     return float(inside.mean())
 
 
-def check_prepared(volume: Volume, grid: Grid | str | None = None) -> Preparedness:
+def check_prepared(volume: Volume, grid: Grid | str | None = None, whole_head: bool = False) -> Preparedness:
     """Whether ``volume`` (any grid, RAS) is a brain-extracted T1 aligned to MNI152 space.
 
     ``grid`` is accepted for symmetry with the other entry points; the check always runs on its own
-    6 mm grid, so its figures do not depend on the model's grid.
+    6 mm grid, so its figures do not depend on the model's grid. ``whole_head``: for a model trained on
+    whole heads (not skull-stripped), skull and scalp are expected, so bright tissue outside the brain
+    is measured but not a reason; the placement checks stand.
     """
     from synthbrain.data.preprocess import resample_to_grid
 
@@ -142,16 +144,20 @@ def check_prepared(volume: Volume, grid: Grid | str | None = None) -> Preparedne
     if rotation is not None and (rotation > MAX_ROTATION_DEG or shift > MAX_SHIFT_MM):
         reasons.append(f"it is {rotation:.0f} degrees and {shift:.0f} mm away from the MNI152 template (a rigid fit; "
                        f"a prepared scan is within {MAX_ROTATION_DEG:g} degrees and {MAX_SHIFT_MM:g} mm)")
-    if outside_ml > MAX_OUTSIDE_ML:
+    if outside_ml > MAX_OUTSIDE_ML and not whole_head:
         reasons.append(f"it has {outside_ml:.0f} mL of bright tissue more than {OUTSIDE_MARGIN_MM:g} mm outside the "
                        "MNI152 brain (skull or scalp: it is not brain-extracted, or not aligned)")
     return Preparedness(coverage, r, rotation, shift, outside_ml, tuple(reasons))
 
 
-def require_prepared(volume: Volume, grid: Grid | str | None = None) -> Preparedness:
+def require_prepared(volume: Volume, grid: Grid | str | None = None, whole_head: bool = False) -> Preparedness:
     """:func:`check_prepared`, raising :class:`UnpreparedVolumeError` (naming the file) when it fails."""
-    p = check_prepared(volume, grid)
+    p = check_prepared(volume, grid, whole_head=whole_head)
     if not p.ok:
+        if whole_head:  # the model wants the head as it is: brain extraction would take away what it was trained on
+            raise UnpreparedVolumeError(f"{volume.source or 'volume'}: not ready for this whole-head model: "
+                                        f"{'; '.join(p.reasons)}. It needs a whole-head T1 rigidly aligned to "
+                                        "MNI152 space")
         raise UnpreparedVolumeError(f"{volume.source or 'volume'}: not prepared: {'; '.join(p.reasons)}. Run "
                                     "`synthbrain prepare` on it first (bias correction, brain extraction, "
                                     "registration to MNI152)")

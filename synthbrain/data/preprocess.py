@@ -9,6 +9,10 @@
 
 Inputs are expected to be brain-extracted and (at least rigidly) aligned to MNI152 2009 space; the
 mask step is a safety net, not a skull stripper.
+
+A bundle trained on whole-head images (an imported model-zoo LDM: its config's ``intensity`` says
+``whole_head``, min-max to [0, 1]) is given its own convention instead (:func:`preprocess` with that
+``intensity``): step 1, then the whole field of view min-max normalised to [0, 1], with no brain mask.
 """
 
 from __future__ import annotations
@@ -31,12 +35,21 @@ class PreprocessInfo:
     """What preprocessing did, for sidecars and logs."""
 
     grid: str
-    intensity_scale: float  # input units per normalised unit (the 99.5th percentile of brain voxels)
-    brain_voxels: int
+    intensity_scale: float  # input units per normalised unit (99.5th percentile of brain voxels; min-max: max - min)
+    brain_voxels: int       # voxels kept (min-max over the whole head: every voxel of the grid)
+    normalisation: str = f"divide by the {PERCENTILE}th percentile of brain voxels, clip to [0, 1]"
 
     def to_dict(self) -> dict:
         return {"grid": self.grid, "intensity_scale": self.intensity_scale, "brain_voxels": self.brain_voxels,
-                "normalisation": f"divide by the {PERCENTILE}th percentile of brain voxels, clip to [0, 1]"}
+                "normalisation": self.normalisation}
+
+
+MIN_MAX = "min-max over the whole field of view to [0, 1], no brain mask (a whole-head model's convention)"
+
+
+def is_whole_head(intensity: dict | None) -> bool:
+    """Whether a bundle's ``intensity`` convention (config.json) is whole head, min-max."""
+    return bool((intensity or {}).get("whole_head"))
 
 
 def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid | str, *, order: int = 1,
@@ -89,13 +102,24 @@ def brain_mask(data: np.ndarray, grid: Grid | str, *, source: str | None = None)
     return region & (data > threshold)
 
 
-def preprocess(volume: Volume, grid: Grid | str) -> tuple[Volume, PreprocessInfo]:
+def preprocess(volume: Volume, grid: Grid | str, intensity: dict | None = None) -> tuple[Volume, PreprocessInfo]:
     """Resample ``volume`` (MNI space, any orientation/spacing) onto ``grid`` and normalise to [0, 1].
 
-    Returns the preprocessed volume (zero outside the brain mask) and what was done.
+    ``intensity``: the bundle's convention (config.json ``intensity``); a whole-head one is min-max over
+    the whole field of view, with no mask. Returns the preprocessed volume (zero outside the brain mask,
+    unless whole head) and what was done.
     """
     grid = get_grid(grid)
     data = resample_to_grid(volume.data, volume.affine, grid)
+    if is_whole_head(intensity):
+        lo, hi = float(data.min()), float(data.max())
+        if not hi > lo:
+            raise InvalidVolumeError(f"{volume.source or 'volume'}: constant on the {grid.name} grid ({lo:g}): "
+                                     f"nothing to normalise")
+        out = np.clip((data - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        info = PreprocessInfo(grid=grid.name, intensity_scale=hi - lo, brain_voxels=int(out.size),
+                              normalisation=MIN_MAX)
+        return Volume(out, grid.affine, source=volume.source), info
     mask = brain_mask(data, grid, source=volume.source)
     scale = robust_scale(data, mask, source=volume.source)
     out = np.where(mask, np.clip(data / scale, 0.0, 1.0), 0.0).astype(np.float32)
