@@ -217,13 +217,18 @@ class CompareResult:
         return SYNTHETIC if self.provenance == SYNTHETIC else DERIVED
 
     def panels(self, opacity: float, threshold: float) -> list[Panel]:
+        from synthbrain.viz.display import LARGE_VOXELS
+
+        # a 3D tile ray-casts the whole volume on every redraw of the linked panels: at 1 mm that made the
+        # browser take half a minute to draw them (benchmarks/viewer_1mm.py); the toolbar's 3D view remains
+        render = self.recon.original.data.size < LARGE_VOXELS
         diff = Layer(self.diff_display, name="difference.nii.gz", label="difference (0..1 scale)",
                      colormap=DIFF_COLORMAPS[0], colormap_negative=DIFF_COLORMAPS[1], opacity=opacity,
                      cal_min=threshold, cal_max=max(self.diff_top, threshold * 1.5), colorbar=DIFF_COLORBAR)
         return [Panel(f"Original: {kind(self.provenance).title}",
-                      layers=(base_layer(self.original_display, "original.nii.gz"),), show_render=True),
+                      layers=(base_layer(self.original_display, "original.nii.gz"),), show_render=render),
                 Panel(f"Reconstruction ({kind(self.recon_provenance).title}) + difference", layers=(
-                    base_layer(self.recon_display, "reconstruction.nii.gz"), diff), show_render=True)]
+                    base_layer(self.recon_display, "reconstruction.nii.gz"), diff), show_render=render)]
 
     def download_stem(self, grid) -> str:
         from synthbrain.export import file_stem
@@ -237,7 +242,8 @@ class CompareResult:
         from synthbrain.grids import SPACE
 
         fields = {"Bundle": bundle.name, "Metrics": self.recon.metrics, "Compression": self.recon.compression,
-                  "Grid": bundle.grid.to_dict(), "Kind": "VQ-VAE reconstruction"}
+                  "Grid": bundle.grid.to_dict(),
+                  "Kind": f"{'KL autoencoder' if self.recon.indices is None else 'VQ-VAE'} reconstruction"}
         source = self.recon.original if self.recon_provenance == DERIVED else None
         return single_file_zip(self.recon_provenance, f"reconstruction_space-{SPACE}_res-{bundle.grid.res_label}_T1w",
                                self.recon.reconstruction, fields, source)

@@ -4,6 +4,11 @@ A viewer needs intensities to about 1e-4, not float32: a volume is stored as int
 ``scl_slope`` that maps it back (NiiVue, like every NIfTI reader, applies the slope), so the
 browser's readout shows the real values while the payload is 2-4 times smaller than float32.
 Downloads keep float32 (``synthbrain.io.to_nifti_bytes``); this is for display only.
+
+A 1 mm volume (160 x 224 x 160, 5.7 M voxels; ``LARGE_VOXELS`` or more per frame) that is not negative
+anywhere is stored as uint8 instead (slope max / 255: three significant digits, what a grey scale on a
+screen shows), which halves what the browser downloads and unpacks; signed data (a difference map)
+keep int16, so that values near zero stay exact for the overlay's threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from synthbrain.errors import InvalidVolumeError
 from synthbrain.io import Volume
 
 INT16_MAX = 32767
+UINT8_MAX = 255
+LARGE_VOXELS = 4_000_000  # voxels per frame from which a non-negative volume is sent as uint8 (the 1 mm grid)
 
 
 def content_id(volume: Volume) -> str:
@@ -34,9 +41,10 @@ def display_nifti_bytes(volume: Volume, description: str = "SynthBrain display c
     """``volume`` as a gzip NIfTI-1 (int16 + scl_slope; RAS+ affine as sform and qform, code 4).
 
     The slope is max|data| / 32767, so values keep 4-5 significant digits; an all-zero volume gets
-    slope 1. Signed data (a difference map) stay signed.
+    slope 1. Signed data (a difference map) stay signed. A non-negative volume of ``LARGE_VOXELS`` or
+    more is uint8 (slope max / 255) instead.
     """
-    return _int16_nifti(np.asarray(volume.data, dtype=np.float32), volume.affine, description,
+    return _display_nifti(np.asarray(volume.data, dtype=np.float32), volume.affine, description,
                         volume.source or "volume")
 
 
@@ -52,16 +60,18 @@ def display_series_nifti_bytes(volumes: Sequence[Volume], description: str = "Sy
             raise InvalidVolumeError(f"{v.source or 'volume'}: every frame of a series must lie on one grid; "
                                      f"got {v.shape} against {first.shape}")
     data = np.stack([np.asarray(v.data, dtype=np.float32) for v in volumes], axis=-1)  # (X, Y, Z, T)
-    return _int16_nifti(data, first.affine, description, first.source or "series")
+    return _display_nifti(data, first.affine, description, first.source or "series")
 
 
-def _int16_nifti(data: np.ndarray, affine: np.ndarray, description: str, name: str) -> bytes:
+def _display_nifti(data: np.ndarray, affine: np.ndarray, description: str, name: str) -> bytes:
     bad = data.size - int(np.count_nonzero(np.isfinite(data)))
     if bad:
         raise InvalidVolumeError(f"{name}: {bad} voxels are NaN or infinite; cannot display")
     peak = float(np.abs(data).max()) if data.size else 0.0
-    slope = peak / INT16_MAX if peak > 0 else 1.0
-    q = np.clip(np.rint(data / slope), -INT16_MAX, INT16_MAX).astype(np.int16)
+    eight_bit = data.size and int(np.prod(data.shape[:3])) >= LARGE_VOXELS and float(data.min()) >= 0.0
+    top, dtype = (UINT8_MAX, np.uint8) if eight_bit else (INT16_MAX, np.int16)
+    slope = peak / top if peak > 0 else 1.0
+    q = np.clip(np.rint(data / slope), -top if dtype is np.int16 else 0, top).astype(dtype)
     img = nib.Nifti1Image(q, affine)
     img.set_sform(affine, code=4)
     img.set_qform(affine, code=4)
