@@ -53,9 +53,12 @@ class GalleryItem:
     def _measured(self) -> tuple[dict | None, str | None, tuple[bytes, ...]]:
         """(volumes in mL, None, the measured brain and ventricle maps as display files) or
         (None, why not, ()). One segmentation gives both; only its small display files are kept."""
+        from synthbrain.data.preprocess import WHOLE_HEAD_UNMEASURED, is_whole_head
         from synthbrain.measure import segment
         from synthbrain.viz.display import display_nifti_bytes
 
+        if is_whole_head(self.bundle.config.get("intensity")):  # its skull would be counted as brain
+            return None, WHOLE_HEAD_UNMEASURED, ()
         try:
             seg = segment(self.volume, self.bundle.grid)
         except InvalidVolumeError as e:

@@ -165,12 +165,16 @@ class Frame:
         return self.sample.volume
 
 
-def make_frame(sample, grid) -> Frame:
-    """A sample with its display file and what was measured on it (or why it could not be)."""
+def make_frame(sample, grid, whole_head: bool = False) -> Frame:
+    """A sample with its display file and what was measured on it (or why it could not be; a whole-head
+    model's samples are not measured: see WHOLE_HEAD_UNMEASURED)."""
+    from synthbrain.data.preprocess import WHOLE_HEAD_UNMEASURED
     from synthbrain.measure import measure_volume
     from synthbrain.viz.display import display_bytes
 
     display = display_bytes(sample.volume, sample.provenance)
+    if whole_head:
+        return Frame(sample, display, None, WHOLE_HEAD_UNMEASURED)
     try:
         m = measure_volume(sample.volume, grid)
     except InvalidVolumeError as e:
@@ -331,11 +335,13 @@ def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]],
     bundle's grid (edits, derived data) or None (one seed, synthetic); ``source_label`` names it in
     this session only (never written). ``on_step(i, n)`` runs over the whole job: the denoising
     steps, then one step per measured frame. The generator is reentrant, so callers need no lock."""
+    from synthbrain.data.preprocess import is_whole_head
     from synthbrain.export import REAL
     from synthbrain.viz.display import display_bytes
 
     k = len(conditions)
     total = [0]
+    whole_head = is_whole_head(bundle.config.get("intensity"))
 
     def sampling(i: int, n: int, info: dict) -> None:
         total[0] = n
@@ -346,7 +352,7 @@ def build_trajectory(generator, bundle, conditions: Sequence[Mapping[str, Any]],
                             source=None if source is None else source.data, strength=strength, on_step=sampling)
     frames = []
     for j, s in enumerate(samples):
-        frames.append(make_frame(s, bundle.grid))
+        frames.append(make_frame(s, bundle.grid, whole_head=whole_head))
         if on_step is not None:
             on_step(total[0] + j + 1, total[0] + k, {"measured": j + 1})
     shown = display_bytes(source, REAL) if source is not None else b""

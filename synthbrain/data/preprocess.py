@@ -47,6 +47,11 @@ class PreprocessInfo:
 MIN_MAX = "min-max over the whole field of view to [0, 1], no brain mask (a whole-head model's convention)"
 
 
+# why a whole-head model's volumes are not measured (measure.py expects a brain-extracted T1)
+WHOLE_HEAD_UNMEASURED = ("this model makes whole heads (skull and scalp), and measuring brain and ventricular volume "
+                         "needs a brain-extracted volume")
+
+
 def is_whole_head(intensity: dict | None) -> bool:
     """Whether a bundle's ``intensity`` convention (config.json) is whole head, min-max."""
     return bool((intensity or {}).get("whole_head"))

@@ -68,6 +68,9 @@ def test_the_imported_bundle_is_picked_and_generates_at_guidance_1_with_no_contr
     assert item.sample.guidance == 1.0 and item.sample.provenance == "synthetic"
     assert item.sample.volume.shape == TINY.shape
     assert "guidance 1 ·" in texts(at)
+    # a whole head is not measured (its skull would count as brain): the page says so instead of numbers
+    assert item.measured is None and "needs a brain-extracted volume" in item.measure_error
+    assert "needs a brain-extracted volume" in texts(at)
     (view, *_) = viewer_calls(at)
     assert view.volume(0).shape == TINY.shape and "not a person" in view.panels[0]["title"]
 
@@ -87,6 +90,7 @@ def test_a_series_without_guidance(imported):
     assert not at.exception and not at.error, [e.value for e in at.error]
     traj = at.session_state["traj_result"]
     assert len(traj.frames) == 2 and traj.guidance == 1.0 and traj.provenance == "synthetic"
+    assert all(f.measured is None and "whole heads" in f.measure_error for f in traj.frames)
 
 
 def test_compare_reconstructs_a_scan_through_the_kl_autoencoder_whole_head_min_max(imported):
