@@ -96,7 +96,7 @@ st.caption("The crosshair, slices and zoom of the two panels are locked together
 left, right = st.columns(2)
 with left:
     st.markdown("**Reconstruction quality**")
-    st.table(pd.DataFrame(results.metrics_rows(result.recon)), hide_index=True)
+    st.table(pd.DataFrame(results.metrics_rows(result.recon, whole_head=whole_head)), hide_index=True)
 with right:
     st.markdown("**Compression**")
     st.table(pd.DataFrame(results.compression_rows(result.recon)), hide_index=True)

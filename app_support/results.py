@@ -264,10 +264,13 @@ def make_compare(key: str, label: str, recon, details: str = "", provenance: str
                          details=details, provenance=provenance, diff_threshold=threshold, diff_top=top)
 
 
-def metrics_rows(recon) -> list[dict]:
+def metrics_rows(recon, whole_head: bool = False) -> list[dict]:
+    """The quality table; ``whole_head``: the scan kept its skull (a whole-head model's convention), so
+    the masked PSNR is over the head's non-zero voxels, not the brain's."""
     m = recon.metrics
     rows = [("PSNR", m.get("psnr"), "dB", "whole volume; higher is better"),
-            ("PSNR in the brain", m.get("psnr_brain"), "dB", "brain voxels only"),
+            ("PSNR in the head" if whole_head else "PSNR in the brain", m.get("psnr_brain"), "dB",
+             "non-zero voxels of the head (skull and scalp included)" if whole_head else "brain voxels only"),
             ("SSIM", m.get("ssim"), "", "structural similarity, 1 = identical"),
             ("MS-SSIM", m.get("ms_ssim"), "", "multi-scale SSIM, 1 = identical"),
             ("MAE", m.get("mae"), "", "mean absolute error, intensities in [0, 1]")]

@@ -110,6 +110,7 @@ def test_compare_reconstructs_a_scan_through_the_kl_autoencoder_whole_head_min_m
     masked = preprocess(result.recon.original, TINY)[0].data  # SynthBrain's own convention masks the head away
     assert (original > 0).sum() > (masked > 0).sum()
     tables = [frame(t.value) for t in at.table]
+    assert "PSNR in the head" in tables[0]["Metric"] and "PSNR in the brain" not in tables[0]["Metric"]
     figures = dict(zip(tables[1]["Figure"], tables[1]["Value"]))
     assert figures["Latent grid (channels x X x Y x Z)"] == "3 x 4 x 6 x 4"
     assert "continuous" in figures["Latent"] and "Code bits / bits of a 16-bit volume" not in figures
