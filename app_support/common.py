@@ -87,6 +87,7 @@ def device() -> str:
 @st.cache_resource(show_spinner="Loading the model bundle…")
 def load_bundle_cached(path: str, device: str):
     """One loaded bundle per (folder, device) for the whole server process."""
+    wait_for_model_code()
     from synthbrain.bundle import load_bundle
 
     return load_bundle(path, device=device)
@@ -94,6 +95,7 @@ def load_bundle_cached(path: str, device: str):
 
 @st.cache_resource(show_spinner=False)
 def generator_cached(path: str, device: str):
+    wait_for_model_code()
     from synthbrain.sampling import Generator
 
     return Generator(load_bundle_cached(path, device), device=device)
@@ -104,21 +106,34 @@ _warming_lock = threading.Lock()
 
 
 def _import_model_code() -> None:
-    import synthbrain.bundle  # noqa: F401  (torch, MONAI: seconds on a cold start)
-    import synthbrain.sampling  # noqa: F401  (diffusers)
+    try:
+        import synthbrain.bundle  # noqa: F401  (torch, MONAI: seconds on a cold start)
+        import synthbrain.sampling  # noqa: F401  (diffusers)
+    except Exception:  # noqa: BLE001  (the page that needs them imports them again and shows the error)
+        pass
+    finally:
+        _imported.set()
 
 
 _importing = threading.Lock()
+_imported = threading.Event()
 
 
 def import_model_code() -> None:
     """Import torch, MONAI and diffusers in a background thread, once per process. The first page after
     start-up needs them before it can load a bundle: ``app.py`` starts this as soon as the page's heading
-    is out, so the imports overlap with the browser drawing the page (imports are per-module locked, so
-    a page that needs them meanwhile waits for them). Started any earlier, the import would hold the
-    interpreter while the heading waits."""
+    is out, so the imports overlap with the browser drawing the page. Started any earlier, the import
+    would hold the interpreter while the heading waits."""
     if _importing.acquire(blocking=False):
         threading.Thread(target=_import_model_code, name="synthbrain-imports", daemon=True).start()
+
+
+def wait_for_model_code() -> None:
+    """Until the background import is done (started here if it was not). Whatever loads a model waits
+    for it: diffusers' lazily loaded names are not safe to import from two threads at once (the warm-up
+    once failed with "cannot import name 'DPMSolverMultistepScheduler'" beside the import)."""
+    import_model_code()
+    _imported.wait()
 
 
 def warm_generator(path: str, device: str) -> None:
@@ -135,6 +150,7 @@ def warm_generator(path: str, device: str) -> None:
 def guidance_warning(bundle, guidance: float | None) -> str | None:
     """``synthbrain.sampling.guidance_warning``, imported when first asked for (it imports torch), so a
     page's top lines stay light and its title is drawn at once."""
+    wait_for_model_code()
     from synthbrain.sampling import guidance_warning as warning
 
     return warning(bundle, guidance)

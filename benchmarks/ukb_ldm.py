@@ -139,14 +139,14 @@ def child_synthbrain(bundle: Path, steps: int, device: torch.device, decode: str
     marks, before = {}, []
 
     def on_step(i, n, info):
-        marks[i] = time.perf_counter()
-        if i == n:  # the last solver step: what follows is the decode
+        if (info or {}).get("stage") == "decode":  # announced when the solver is done, before the decode
+            marks["decode"] = time.perf_counter()
             before.append(_reset_peak())
 
     t0 = time.perf_counter()
     s = gen.sample({}, seed=0, steps=steps, on_step=on_step)[0]
     t2 = time.perf_counter()
-    t1 = marks[max(marks)]
+    t1 = marks["decode"]
     return {"sampler": f"SynthBrain DPM-Solver++ {steps} + {'sliced' if gen.sliced_decode else 'whole'} decode",
             "shape": list(s.volume.data.shape), "denoise_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0,
             **_peak(before[0])}
