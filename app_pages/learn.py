@@ -9,14 +9,14 @@ import streamlit as st
 
 from app_support import common, jobs, results, scans
 
-VQ_SHOWN = "learn_vq_shown"      # this session pressed the VQ-VAE button (the pictures are cached)
+VQ_SHOWN = "learn_vq_shown"      # this session pressed the stage-1 button (the pictures are cached)
 STEPS_SHOWN = "learn_steps_shown"
 MAX_STRIP = 6                    # decoded latents in the denoising strip (the noise, then up to 5 steps)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def vqvae_pictures(bundle_path: str, device: str, weights: str) -> dict:
-    """The template through the VQ-VAE, as pictures and tables: the same for every user, so shared.
+    """The template through stage 1, as pictures and tables: the same for every user, so shared.
     ``weights`` (the autoencoder's sha256) keys the cache to the weights, not the folder."""
     from synthbrain.reconstruction import reconstruct
     from synthbrain.viz.latent import latent_png
@@ -28,7 +28,8 @@ def vqvae_pictures(bundle_path: str, device: str, weights: str) -> dict:
     return {"original": orthogonal_png(recon.original, title="The scan (MNI152 template, preprocessed)", width_px=800),
             "reconstruction": orthogonal_png(recon.reconstruction, title="Decoded from its codes", width_px=800),
             "latent": latent_png(recon.latent, recon.indices, width_px=800),
-            "latent_shape": tuple(recon.latent.shape), "codes_used": int(np.unique(recon.indices).size),
+            "latent_shape": tuple(recon.latent.shape),
+            "codes_used": None if recon.indices is None else int(np.unique(recon.indices).size),
             "metrics": results.metrics_rows(recon), "compression": results.compression_rows(recon)}
 
 
@@ -54,30 +55,41 @@ latent_shape = ae_cfg.latent_shape(grid.shape)
 weights = bundle.config["autoencoder"].get("sha256", "")
 n_voxels = int(np.prod(grid.shape))
 n_codes = int(np.prod(latent_shape[1:]))
+kl = getattr(ae_cfg, "num_embeddings", None) is None  # an imported KL autoencoder: a continuous latent, no codebook
+STAGE1 = "KL autoencoder" if kl else "VQ-VAE"
 
 st.markdown(
     "SynthBrain makes a brain in two stages, after the King's College London Synthetic Brain Project. "
-    "**Stage 1**, a VQ-VAE, learns to squeeze a whole 3D scan into a small grid of codes and back. "
-    "**Stage 2**, a latent diffusion model (the *prior*), learns to make new code grids from noise, steered by "
+    + ("**Stage 1**, a KL-regularised autoencoder, learns to squeeze a whole 3D scan into a small grid of numbers "
+       "and back. " if kl else
+       "**Stage 1**, a VQ-VAE, learns to squeeze a whole 3D scan into a small grid of codes and back. ") +
+    "**Stage 2**, a latent diffusion model (the *prior*), learns to make new latent grids from noise, steered by "
     "conditions such as age and sex. Decoding a new grid gives a new brain, and measuring its brain and "
     "ventricular volume checks that the conditions were followed. Everything below runs the model you are "
     f"using now (**{bundle.name}**).")
 if common.is_phantom(bundle):
     st.info(common.PHANTOM_NOTE, icon=":material/info:")
 
-# ------------------------------------------------------------------------------------------ VQ-VAE
-st.header("1. The VQ-VAE: a brain as a small grid of codes")
-st.markdown(
-    f"A scan on this model's grid has {' x '.join(map(str, grid.shape))} = {n_voxels:,} voxels. The encoder, a 3D "
-    f"convolutional network, shrinks it {ae_cfg.downsampling} times along each axis to a latent grid of "
-    f"{' x '.join(map(str, latent_shape[1:]))} = {n_codes:,} positions with {latent_shape[0]} channels each. "
-    f"*Vector quantisation* then replaces every position's {latent_shape[0]} numbers by the nearest of "
-    f"{ae_cfg.num_embeddings} learned codebook vectors, so the whole brain becomes {n_codes:,} code numbers. The "
-    "decoder turns the codes back into a volume. What the reconstruction misses is what the codes cannot hold.")
+# ------------------------------------------------------------------------------------------ stage 1
+st.header("1. The KL autoencoder: a brain as a small grid of numbers" if kl
+          else "1. The VQ-VAE: a brain as a small grid of codes")
+encoder = (f"A scan on this model's grid has {' x '.join(map(str, grid.shape))} = {n_voxels:,} voxels. The encoder, "
+           f"a 3D convolutional network, shrinks it {ae_cfg.downsampling} times along each axis to a latent grid of "
+           f"{' x '.join(map(str, latent_shape[1:]))} = {n_codes:,} positions with {latent_shape[0]} channels each. ")
+if kl:
+    st.markdown(
+        encoder + "The latent stays continuous: during training a KL penalty keeps it close to a standard normal "
+        "distribution, so that the prior can model it, and nothing is rounded to a codebook. The decoder turns the "
+        "latent back into a volume. What the reconstruction misses is what the latent cannot hold.")
+else:
+    st.markdown(
+        encoder + f"*Vector quantisation* then replaces every position's {latent_shape[0]} numbers by the nearest of "
+        f"{ae_cfg.num_embeddings} learned codebook vectors, so the whole brain becomes {n_codes:,} code numbers. The "
+        "decoder turns the codes back into a volume. What the reconstruction misses is what the codes cannot hold.")
 if st.button("Encode and decode the template", key="learn_vq_go", icon=":material/play_arrow:"):
     st.session_state[VQ_SHOWN] = True
 if st.session_state.get(VQ_SHOWN):
-    with st.spinner("Encoding and decoding the template…"):
+    with st.spinner(f"Encoding and decoding the template through the {STAGE1}…"):
         vq = vqvae_pictures(str(bundle.path), common.device(), weights)
     scan_col, recon_col = st.columns(2)
     scan_col.image(vq["original"])
@@ -85,14 +97,14 @@ if st.session_state.get(VQ_SHOWN):
     codes_col, numbers_col = st.columns([3, 2])
     codes_col.image(vq["latent"])
     with numbers_col:
-        st.markdown(
-            "**The latent grid**, axial slices. Top row: the code chosen at each position (one colour per code; "
-            f"{vq['codes_used']} of the {ae_cfg.num_embeddings} codes appear in this scan). Other rows: the "
-            "latent's channels (red positive, blue negative). Each square stands for "
-            f"{ae_cfg.downsampling}³ voxels of the scan.")
+        codes = ("Top row: the code chosen at each position (one colour per code; "
+                 f"{vq['codes_used']} of the {ae_cfg.num_embeddings} codes appear in this scan). Other rows: the "
+                 "latent's channels" if not kl else "Each row: one of the latent's channels")
+        st.markdown(f"**The latent grid**, axial slices. {codes} (red positive, blue negative). Each square stands "
+                    f"for {ae_cfg.downsampling}³ voxels of the scan.")
         st.markdown("**How close the reconstruction is**")
         st.table(pd.DataFrame(vq["metrics"]), hide_index=True)
-        st.markdown("**How small the codes are**")
+        st.markdown("**How small the latent is**" if kl else "**How small the codes are**")
         st.table(pd.DataFrame(vq["compression"]), hide_index=True)
     st.caption("The Compare page does this for any scan, with the two volumes side by side and their difference.")
 
@@ -104,8 +116,8 @@ st.markdown(
     "Sampling runs this backwards: start from pure noise and remove a little at each step (the DPM-Solver++ "
     "sampler, which needs only a handful of steps). "
     "*Guidance* compares the network's answer with and without the conditions and exaggerates the difference, so "
-    "the conditions are followed more closely. Below, each step's latent is decoded by the VQ-VAE to show where "
-    "the sampler is.")
+    "the conditions are followed more closely. Below, each step's latent is decoded by the "
+    f"{STAGE1} to show where the sampler is.")
 if not bundle.has_prior:
     st.warning(f"{bundle.name} has no prior (stage 2), so it cannot sample; choose another bundle to see this.")
 else:
@@ -143,7 +155,7 @@ st.header("4. The limits of this model")
 ae_info, prior_info = bundle.config.get("autoencoder", {}), bundle.config.get("prior", {})
 facts = [f"Grid: {grid.name}, {' x '.join(map(str, grid.shape))} voxels at {grid.spacing:g} mm: detail finer than "
          f"about {2 * grid.spacing:g} mm (thin cortex, small vessels) is below what it can show."]
-for name, info in (("VQ-VAE", ae_info), ("Prior", prior_info)):
+for name, info in ((STAGE1, ae_info), ("Prior", prior_info)):
     if info:
         data = info.get("data_fingerprint", {})
         facts.append(f"{name}: trained for {info.get('steps_trained', '?')} steps on "

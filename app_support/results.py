@@ -16,6 +16,8 @@ from synthbrain.viz.display import display_bytes
 DIFF_COLORMAPS = ("warm", "winter")  # positive (reconstruction brighter), negative (darker)
 DIFF_COLORBAR = "reconstruction − original, intensity (0..1 scale): warm brighter, cool darker"
 GALLERY = "gen_gallery"              # session state: this session's samples (GalleryItem), newest last
+WHOLE_HEAD_SURFACE = ("3D: the outer surface of the head (this model makes whole heads with skull and scalp; brain "
+                      "and ventricles are not segmented in them)")
 INTENSITY = "intensity (0..1, normalised)"  # what the viewer's readout calls a base image's value
 # the measured masks as overlays: (label, colormap, opacity, colour-bar text)
 MASKS = (("brain (measured)", "green", 0.25,
@@ -97,10 +99,15 @@ class GalleryItem:
 
     @cached_property
     def surface_set(self) -> tuple[tuple[Surface, ...], str | None]:
-        """(brain and ventricle surfaces for the viewer, a note when the ventricles were not found)."""
-        from synthbrain.viz.surfaces import BRAIN_RGBA, brain_surfaces, to_mz3
+        """(brain and ventricle surfaces for the viewer, a note when the ventricles were not found); for a
+        whole-head model, the head's outer surface (a brain segmentation would take the skull for brain)."""
+        from synthbrain.data.preprocess import is_whole_head
+        from synthbrain.viz.surfaces import BRAIN_RGBA, brain_surfaces, foreground_surface, to_mz3
 
-        surf = brain_surfaces(self.volume, self.bundle.grid)
+        if is_whole_head(self.bundle.config.get("intensity")):
+            surf = foreground_surface(self.volume, "head", note=WHOLE_HEAD_SURFACE)
+        else:
+            surf = brain_surfaces(self.volume, self.bundle.grid)
         translucent = len(surf.meshes) > 1  # see the ventricles through the brain
         return tuple(Surface(to_mz3(m), name=f"{m.name}.mz3", rgba=m.rgba,
                              opacity=0.4 if translucent and m.rgba == BRAIN_RGBA else 1.0)

@@ -129,11 +129,11 @@ def child_reference(zoo: Path, grid: str, steps: int, device: torch.device) -> d
             "denoise_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, **_peak(before)}
 
 
-def child_synthbrain(bundle: Path, steps: int, device: torch.device, decode: str) -> dict:
+def child_synthbrain(bundle: Path, steps: int, device: torch.device, decode: str, precision: str) -> dict:
     from synthbrain.grids import FULL
     from synthbrain.sampling import Generator
 
-    gen = Generator.from_bundle(bundle, device=str(device), precision="fp32", decode=decode)
+    gen = Generator.from_bundle(bundle, device=str(device), precision=precision, decode=decode)
     # the same choice of what the sliced decode recomputes as at 1 mm (only the last upsampling) on a smaller grid
     gen.autoencoder.lazy_bytes = int(gen.autoencoder.lazy_bytes * math.prod(gen.grid.shape) / math.prod(FULL.shape))
     marks, before = {}, []
@@ -147,27 +147,44 @@ def child_synthbrain(bundle: Path, steps: int, device: torch.device, decode: str
     s = gen.sample({}, seed=0, steps=steps, on_step=on_step)[0]
     t2 = time.perf_counter()
     t1 = marks["decode"]
-    return {"sampler": f"SynthBrain DPM-Solver++ {steps} + {'sliced' if gen.sliced_decode else 'whole'} decode",
+    return {"sampler": f"SynthBrain DPM-Solver++ {steps} + {'sliced' if gen.sliced_decode else 'whole'} decode, "
+                       f"{gen.precision}", "precision": gen.precision,
             "shape": list(s.volume.data.shape), "denoise_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0,
             **_peak(before[0])}
 
 
-def child_equal(bundle: Path, grid: str, device: torch.device) -> dict:
+def child_equal(bundle: Path, grid: str, device: torch.device, precision: str) -> dict:
+    """One latent decoded whole in fp32 (the reference's decode), sliced in fp32, and sliced as the
+    Generator decodes at ``precision`` (its autocast): the differences from the whole fp32 decode."""
     from synthbrain.bundle import load_bundle
+    from synthbrain.sampling import autocast, resolve_precision
 
     ae = load_bundle(bundle, components=("autoencoder",)).autoencoder.to(device)
     z = torch.randn((1, 3, *LATENTS[grid]), generator=torch.Generator().manual_seed(1)).to(device)
+    resolved = resolve_precision(device, precision)
     with torch.no_grad():
         whole = ae.decode(z)
-        sliced = ae.decode_sliced(z)
-    d = (whole - sliced).abs()
-    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "max_abs_value": float(whole.abs().max())}
+        out = {"max_abs_value": float(whole.abs().max()), "precision": resolved}
+        for name, prec in (("sliced", "fp32"), ("ours", resolved)):
+            if name == "ours" and prec == "fp32":
+                break
+            with autocast(device, prec):
+                d = (ae.decode_sliced(z).float() - whole).abs()
+            out[name] = {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
+                         "psnr_db": float(10 * torch.log10((whole.max() - whole.min()) ** 2 / (d ** 2).mean()))}
+    return out
+
+
+def _diff(what: str, d: dict) -> str:
+    return (f"{what} largest absolute difference {d['max_abs_diff']:.2e}, mean {d['mean_abs_diff']:.2e}, "
+            f"PSNR {d['psnr_db']:.1f} dB").lstrip()
 
 
 def run_child(args: argparse.Namespace, mode: str, **paths) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--grid", args.grid, "--device", args.device,
            "--threads", str(args.threads), "--steps", str(args.steps), "--reference-steps", str(args.reference_steps),
-           "--decode", args.decode, *sum(([f"--{k}", str(v)] for k, v in paths.items()), [])]
+           "--decode", args.decode, "--precision", args.precision,
+           *sum(([f"--{k}", str(v)] for k, v in paths.items()), [])]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
@@ -182,6 +199,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode", choices=("auto", "whole", "sliced"), default="sliced")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="SynthBrain's precision (auto: bf16 on a CPU with AMX tiles; the reference runs in fp32)")
     p.add_argument("--write", action="store_true", help="write the figures into benchmarks/results.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--zoo", type=Path, help=argparse.SUPPRESS)
@@ -191,8 +210,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.child:
         result = {"reference": lambda: child_reference(args.zoo, args.grid, args.reference_steps, device),
-                  "synthbrain": lambda: child_synthbrain(args.bundle, args.steps, device, args.decode),
-                  "equal": lambda: child_equal(args.bundle, args.grid, device)}[args.child]()
+                  "synthbrain": lambda: child_synthbrain(args.bundle, args.steps, device, args.decode, args.precision),
+                  "equal": lambda: child_equal(args.bundle, args.grid, device, args.precision)}[args.child]()
         print(json.dumps(result))
         return
 
@@ -212,12 +231,15 @@ def main() -> None:
                      f"{r['decode_s']:.1f} | {r['total_s']:.1f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['rss_before_decode_gb']:.2f} | {r['decode_peak_rss_gb']:.2f} |"
                      + (f" {r['peak_cuda_gb']:.2f} |" if cuda else ""))
+    ours = rows[1]["precision"]
     body = "\n".join(lines) + (
         f"\n\nSame random weights of the bundle's exact networks (13.8 M + 553 M parameters), one brain, "
-        f"{args.threads} threads, {args.device}, fp32; each sampler in a fresh process (peak RSS includes the "
-        f"weights; the decode's peak is read after resetting the kernel's high-water mark). "
-        f"Sliced decode vs whole decode of one latent: largest absolute difference "
-        f"{eq['max_abs_diff']:.2e} (mean {eq['mean_abs_diff']:.2e}) on values up to {eq['max_abs_value']:.2f}.")
+        f"{args.threads} threads, {args.device}; the reference in fp32, SynthBrain in {ours} (`--precision "
+        f"{args.precision}`); each sampler in a fresh process (peak RSS includes the weights; the decode's peak is "
+        f"read after resetting the kernel's high-water mark). One latent decoded whole in fp32 (the reference's "
+        f"decode), against: " + _diff("the fp32 sliced decode:", eq["sliced"])
+        + (f"; the {ours} sliced decode (SynthBrain's): " + _diff("", eq["ours"]) if "ours" in eq else "")
+        + f" (values up to {eq['max_abs_value']:.2f}; PSNR over the whole decode's value range).")
     print(body)
     if args.write:
         from _results import write_section

@@ -116,6 +116,10 @@ class ReferenceSet:
         self.pad, self.smooth = pad, smooth
         self.shape = tuple(s + 2 * pad for s in mask.shape)
         self.index = np.flatnonzero(np.pad(mask, pad))          # mask voxels, flat, in the padded grid
+        # the mask moved by the most negative shift: the voxels at shift d are then a plain slice of the
+        # padded volume, from offset(d) - lowest, indexed by these (no index arithmetic per shift)
+        self._lowest = self._offset((-pad,) * 3, self.shape, pad)
+        self._index_low = self.index + self._lowest
         small = mask[::2, ::2, ::2]
         self.coarse_shape = tuple(s + 2 for s in small.shape)
         self.coarse_index = np.flatnonzero(np.pad(small, 1))
@@ -167,6 +171,23 @@ class ReferenceSet:
     def _refine(self, volume: np.ndarray, best: tuple) -> tuple:
         return _subvoxel_refine(self, volume, best)
 
+    def scoring_rows(self, subjects: Sequence[int]) -> np.ndarray:
+        """The deviations of ``subjects`` with a row of ones below them, for :meth:`_correlations`."""
+        return np.vstack([self.deviations[np.asarray(subjects)], np.ones((1, len(self.index)), np.float32)])
+
+    def _correlations(self, padded: np.ndarray, d: Sequence[int], rows: np.ndarray) -> np.ndarray:
+        """Pearson r of the query (a :meth:`_padded` volume) at shift ``d`` against each subject of
+        ``rows`` (:meth:`scoring_rows`), in one pass over the mask: the deviations have zero mean and
+        unit norm, so with ``x = query[M + d] - mean``, ``r = D x / ||x - mean(x)||``, and the row of
+        ones gives the sum of ``x`` in the same matrix product."""
+        start = self._offset(d, self.shape, self.pad) - self._lowest
+        x = np.take(padded[start:], self._index_low)
+        x -= self.mean
+        p = rows @ x
+        n = len(x)
+        ss = float(np.dot(x, x)) - float(p[-1]) ** 2 / n
+        return p[:-1] / np.float32(np.sqrt(ss)) if ss > 0 else np.zeros(len(p) - 1, np.float32)
+
     @staticmethod
     def _offset(d: Sequence[int], shape: Sequence[int], pad: int) -> int:
         return int(np.ravel_multi_index(tuple(pad + k for k in d), shape) - np.ravel_multi_index((pad,) * 3, shape))
@@ -184,6 +205,7 @@ class ReferenceSet:
         if settings.max_shift > self.pad or settings.smooth != self.smooth:
             raise ConfigError("this reference set was built with other audit settings")
         short = self.shortlist(volume, settings.shortlist)
+        rows = self.scoring_rows(short)
         best = (-2.0, int(short[0]), (0, 0, 0), "none")
         k = settings.max_shift
         oriented = {}
@@ -191,8 +213,7 @@ class ReferenceSet:
             oriented[how] = turned
             a = self._padded(turned)
             for d in itertools.product(range(-k, k + 1), repeat=3):
-                q = _standardise(a[self.index + self._offset(d, self.shape, self.pad)] - self.mean)
-                r = self.deviations[short] @ q
+                r = self._correlations(a, d, rows)
                 j = int(np.argmax(r))
                 if r[j] > best[0]:
                     best = (float(r[j]), int(short[j]), d, how)
@@ -210,13 +231,11 @@ def _subvoxel_refine(ref: ReferenceSet, volume: np.ndarray, best: tuple) -> tupl
     from scipy.ndimage import shift as move
 
     r_best, i, d, how = best
-    dev = ref.deviations[i]
-    base = ref._offset(d, ref.shape, ref.pad)
+    rows = ref.scoring_rows([i])
     for f in itertools.product((-0.5, 0.0, 0.5), repeat=3):
         if f == (0.0, 0.0, 0.0):
             continue
-        a = ref._padded(move(volume, f, order=1, mode="constant"))
-        r = float(dev @ _standardise(a[ref.index + base] - ref.mean))
+        r = float(ref._correlations(ref._padded(move(volume, f, order=1, mode="constant")), d, rows)[0])
         if r > r_best:
             r_best = r
     return r_best, i, d, how

@@ -177,10 +177,10 @@ class PhantomCohort:
         return read_tsv(self.root / "participants.tsv")
 
 
-def _generate(tmp_path_factory, name: str, n: int, seed: int, grid: str = "demo") -> PhantomCohort:
+def _generate(tmp_path_factory, name: str, n: int, seed: int, grid: str = "demo", jobs: int = 1) -> PhantomCohort:
     from synthbrain.data.cohort import generate_cohort
 
-    root = generate_cohort(tmp_path_factory.mktemp(name), n=n, grid=grid, seed=seed)
+    root = generate_cohort(tmp_path_factory.mktemp(name), n=n, grid=grid, seed=seed, jobs=jobs)
     return PhantomCohort(root, n, seed, grid)
 
 
@@ -192,9 +192,9 @@ def phantom_cohort(tmp_path_factory) -> PhantomCohort:
 
 @pytest.fixture(scope="session")
 def large_phantom_cohort(tmp_path_factory) -> PhantomCohort:
-    """20 phantom subjects on the demo grid (seed 11), ages spread over 40..90: about 35 s more.
-    For ``slow`` tests only. Read-only."""
-    return _generate(tmp_path_factory, "large_phantom_cohort", n=20, seed=11)
+    """20 phantom subjects on the demo grid (seed 11), ages spread over 40..90, rendered in 2 worker
+    processes: about 30 s more. For ``slow`` tests only. Read-only."""
+    return _generate(tmp_path_factory, "large_phantom_cohort", n=20, seed=11, jobs=2)
 
 
 @pytest.fixture
@@ -215,6 +215,27 @@ def subprocess_env() -> dict:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def cli_in_process(*args):
+    """``synthbrain ARGS`` run in this process (click's CliRunner), one torch thread, as a subprocess of
+    :func:`subprocess_env` would run it: the same commands and options, without importing torch and
+    MONAI again (4-6 s a process on 2 cores). For tests about what a command does; tests about the
+    process itself (exit codes, one-line errors, signals, memory limits) run ``python -m synthbrain``.
+    Fails the test with the command's output when it exits non-zero."""
+    import torch
+    from typer.testing import CliRunner
+
+    from synthbrain.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, f"synthbrain {' '.join(map(str, args))}:\n{result.output}"
+    return result
 
 
 def write_json(path: Path, obj) -> Path:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import cli_in_process
 
 from synthbrain.bundle import demo_bundle_path, load_bundle
 from synthbrain.data.bids import read_tsv
@@ -43,13 +41,10 @@ def test_demo_autoencoder_figures_match_a_rerun_of_evaluate(tmp_path):
     shipped = b.metrics["autoencoder"]["per_subject"]
     labels = sorted(shipped)[:3]
     args = _cohort_args(b.config["autoencoder"]["data_fingerprint"]["generated_by"])
-    env = subprocess_env()
-    subprocess.run([sys.executable, "-m", "synthbrain", "cohort", "--n", args["n"], "--grid", args["grid"],
-                    "--seed", args["seed"], "--only", ",".join(labels), "--out", str(tmp_path / "data")],
-                   check=True, env=env, capture_output=True)
+    cli_in_process("cohort", "--n", args["n"], "--grid", args["grid"], "--seed", args["seed"],
+                   "--only", ",".join(labels), "--out", tmp_path / "data")
     copy = shutil.copytree(demo_bundle_path(), tmp_path / "bundle")
-    subprocess.run([sys.executable, "-m", "synthbrain", "evaluate", "autoencoder", "--bundle", str(copy),
-                    "--data", str(tmp_path / "data")], check=True, env=env, capture_output=True)
+    cli_in_process("evaluate", "autoencoder", "--bundle", copy, "--data", tmp_path / "data")
     rerun = json.loads((copy / "metrics.json").read_text())["autoencoder"]
     assert rerun["held_out"] is True and sorted(rerun["per_subject"]) == labels
     for label in labels:
@@ -62,15 +57,12 @@ def test_demo_autoencoder_figures_match_a_rerun_of_evaluate(tmp_path):
 
 @pytest.mark.slow
 def test_demo_sample_cli_volumes_move_with_the_request(tmp_path):
-    """`synthbrain sample` with the shipped bundle, no GPU: older brains (with their age's typical
+    """`synthbrain sample` with the shipped bundle on the CPU: older brains (with their age's typical
     volumes) get larger measured ventricles and smaller measured brains, seed for seed."""
-    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
     out = {}
     for age in (45, 85):
-        r = subprocess.run([sys.executable, "-m", "synthbrain", "sample", "--age", str(age), "--sex", "F", "--n", "3",
-                            "--seed", "0", "--out", str(tmp_path / f"age{age}")], env=env, capture_output=True,
-                           text=True)
-        assert r.returncode == 0, r.stderr
+        cli_in_process("sample", "--age", age, "--sex", "F", "--n", 3, "--seed", 0, "--device", "cpu",
+                       "--out", tmp_path / f"age{age}")
         out[age] = read_tsv(tmp_path / f"age{age}" / "participants.tsv")
     for young, old in zip(out[45], out[85]):
         assert young["seed"] == old["seed"]

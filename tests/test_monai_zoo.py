@@ -317,6 +317,26 @@ def test_sliced_decode_equals_the_whole_decode_without_running_a_block_whole(imp
     assert np.abs(vols["whole"] - vols["sliced"]).max() <= 1e-5
 
 
+def test_a_bf16_sliced_decode_is_the_fp32_whole_decode_within_the_stated_tolerance(imported):
+    """What ``precision auto`` decodes with on a CPU with AMX tiles (bf16 under autocast, sliced), on any
+    CPU: within 40 dB PSNR of the fp32 whole decode over its value range (measured at 1 mm on the real
+    architecture: 54.7 dB, benchmarks/results.md), and the volume stays float32 in [0, 1]."""
+    from synthbrain.sampling import Generator, autocast
+
+    b = load_bundle(imported)
+    z = torch.randn(1, 3, 4, 6, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = b.autoencoder.decode(z)
+        with autocast(torch.device("cpu"), "bf16"):
+            low = b.autoencoder.decode_sliced(z, rows=5)
+    assert low.dtype == torch.bfloat16  # it did run in bf16
+    err = (low.float() - whole).pow(2).mean()
+    assert 10 * torch.log10((whole.max() - whole.min()) ** 2 / err) >= 40.0
+    vol = Generator(b, device="cpu", precision="bf16", decode="sliced").sample({"age": 0.3}, seed=1, steps=2)[0]
+    assert vol.volume.data.dtype == np.float32 and vol.volume.data.min() >= 0.0 and vol.volume.data.max() <= 1.0
+    assert vol.info["precision"] == "bf16"
+
+
 def test_few_step_solver_runs_on_the_bundles_own_schedule(imported):
     from monai.networks.schedulers import DDIMScheduler
 

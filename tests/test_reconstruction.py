@@ -9,7 +9,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY_AUTOENCODER, TINY_PRIOR, subprocess_env, write_json
+from conftest import TINY_AUTOENCODER, TINY_PRIOR, cli_in_process, subprocess_env, write_json
 
 from synthbrain.io import read_volume
 
@@ -47,12 +47,13 @@ def test_reconstruct_lps_file_equals_its_ras_twin(tiny_bundle, tiny_cohort, tmp_
 
 @pytest.mark.slow
 def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
-    """cohort -> train autoencoder -> evaluate -> train prior -> evaluate -> sample, all from the CLI."""
-    _cli("cohort", "--n", 8, "--grid", "tiny", "--seed", 21, "--out", tmp_path / "data")
-    _cli("train", "autoencoder", "--data", tmp_path / "data", "--out", tmp_path / "ae", "--grid", "tiny",
-         "--config", write_json(tmp_path / "ae.json", TINY_AUTOENCODER), "--device", "cpu")
+    """cohort -> train autoencoder -> evaluate -> train prior -> evaluate -> sample, all from the CLI (in this
+    process: six more torch imports would add half a minute; test_sampling runs `python -m synthbrain`)."""
+    cli_in_process("cohort", "--n", 8, "--grid", "tiny", "--seed", 21, "--out", tmp_path / "data")
+    cli_in_process("train", "autoencoder", "--data", tmp_path / "data", "--out", tmp_path / "ae", "--grid", "tiny",
+                   "--config", write_json(tmp_path / "ae.json", TINY_AUTOENCODER), "--device", "cpu")
     bundle = tmp_path / "ae" / "bundle"
-    out = _cli("evaluate", "autoencoder", "--bundle", bundle, "--data", tmp_path / "data").stdout
+    out = cli_in_process("evaluate", "autoencoder", "--bundle", bundle, "--data", tmp_path / "data").stdout
     assert "held out" in out
     m = json.loads((bundle / "metrics.json").read_text())["autoencoder"]
     assert m["held_out"] is True and m["subjects"] >= 1
@@ -66,11 +67,11 @@ def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
     assert picture[:8] == b"\x89PNG\r\n\x1a\n" and m["picture"]["subject"] in m["per_subject"]
     assert f"]({m['picture']['file']})" in (bundle / "MODEL_CARD.md").read_text()
 
-    _cli("train", "prior", "--bundle", bundle, "--data", tmp_path / "data", "--out", tmp_path / "prior",
-         "--config", write_json(tmp_path / "p.json", TINY_PRIOR), "--device", "cpu")
+    cli_in_process("train", "prior", "--bundle", bundle, "--data", tmp_path / "data", "--out", tmp_path / "prior",
+                   "--config", write_json(tmp_path / "p.json", TINY_PRIOR), "--device", "cpu")
     full = tmp_path / "prior" / "bundle"
-    _cli("evaluate", "prior", "--bundle", full, "--data", tmp_path / "data", "--n-conditions", 4, "--n-ageing", 2,
-         "--steps", 2, "--guidance", 1.5, "--set-defaults")
+    cli_in_process("evaluate", "prior", "--bundle", full, "--data", tmp_path / "data", "--n-conditions", 4,
+                   "--n-ageing", 2, "--steps", 2, "--guidance", 1.5, "--set-defaults")
     p = json.loads((full / "metrics.json").read_text())["prior"]
     assert p["steps"] == 2 and p["guidance"] == 1.5 and "DPM-Solver++" in p["sampler"]
     defaults = json.loads((full / "config.json").read_text())["prior"]["config"]
@@ -82,5 +83,5 @@ def test_cli_end_to_end_cohort_to_samples_with_evaluation(tmp_path):
     card = (full / "MODEL_CARD.md").read_text()
     assert "## Prior" in card and "### prior" in card and "### autoencoder" in card
 
-    _cli("sample", "--bundle", full, "--n", 2, "--steps", 2, "--out", tmp_path / "synth", "--device", "cpu")
+    cli_in_process("sample", "--bundle", full, "--n", 2, "--steps", 2, "--out", tmp_path / "synth", "--device", "cpu")
     assert len(list((tmp_path / "synth").glob("sub-*/anat/*_T1w.nii.gz"))) == 2

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import cli_in_process, subprocess_env
 
 from synthbrain.bundle import load_bundle
 from synthbrain.data.bids import read_tsv
@@ -201,10 +201,8 @@ def test_guidance_outside_the_measured_range_is_warned_about(tiny_bundle, tmp_pa
     b = copy_bundle(tiny_bundle, tmp_path / "b")
     env = subprocess_env()
     data = tiny_bundle.parents[1] / "data"
-    r = subprocess.run([sys.executable, "-m", "synthbrain", "evaluate", "guidance", "--bundle", str(b), "--data",
-                        str(data), "--values", "1,4", "--n-conditions", "3", "--steps", "2"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    cli_in_process("evaluate", "guidance", "--bundle", b, "--data", data, "--values", "1,4", "--n-conditions", 3,
+                   "--steps", 2)
     sweep = json.loads((b / "metrics.json").read_text())["guidance_sweep"]
     assert [p["guidance"] for p in sweep["curve"]] == [1.0, 4.0]
     assert {"ventricular_volume", "brain_volume", "ms_ssim_same_condition", "bright_outside_brain", "good"} <= set(

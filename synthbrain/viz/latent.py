@@ -28,38 +28,43 @@ def _slice_positions(depth: int, n: int) -> list[int]:
     return sorted({int(round(p)) for p in np.linspace(depth * 0.2, depth * 0.8 - 1, n)})
 
 
-def latent_png(latent: np.ndarray, indices: np.ndarray, *, n_slices: int = 5, max_channels: int = 4,
+def latent_png(latent: np.ndarray, indices: np.ndarray | None, *, n_slices: int = 5, max_channels: int = 4,
                width_px: int = 900) -> bytes:
     """A grid of axial slices of a scan's latent: the first row shows the codebook index of each
     latent voxel (one colour per code), the next rows the latent's channels (diverging colours,
-    symmetric about 0, one scale per channel). ``latent`` (C, x, y, z), ``indices`` (x, y, z)."""
+    symmetric about 0, one scale per channel). ``latent`` (C, x, y, z), ``indices`` (x, y, z), or
+    None for a continuous (KL) latent, which has no codes: then only the channels are drawn."""
     from matplotlib.figure import Figure
 
     latent = np.asarray(latent, np.float32)
-    indices = np.asarray(indices)
-    if latent.ndim != 4 or indices.shape != latent.shape[1:]:
-        raise ValueError(f"expected latent (C, x, y, z) and indices (x, y, z), got {latent.shape} and {indices.shape}")
+    codes = indices is not None
+    if latent.ndim != 4 or (codes and np.shape(indices) != latent.shape[1:]):
+        raise ValueError(f"expected latent (C, x, y, z) and indices (x, y, z), got {latent.shape} and "
+                         f"{np.shape(indices) if codes else None}")
     zs = _slice_positions(latent.shape[3], n_slices)
     channels = min(latent.shape[0], max_channels)
-    rows = 1 + channels
+    top = 1 if codes else 0
+    rows = top + channels
     dpi = 100
     fig = Figure(figsize=(width_px / dpi, width_px / dpi * rows / len(zs) * 1.25), dpi=dpi, facecolor="white")
     axes = np.atleast_2d(fig.subplots(rows, len(zs), squeeze=False))
-    # codes are labels, not quantities: a fixed random colour per code, so neighbouring codes differ
-    colours = np.random.default_rng(0).uniform(0.15, 1.0, (int(indices.max()) + 1, 3))
+    if codes:
+        # codes are labels, not quantities: a fixed random colour per code, so neighbouring codes differ
+        indices = np.asarray(indices)
+        colours = np.random.default_rng(0).uniform(0.15, 1.0, (int(indices.max()) + 1, 3))
     lims = [float(np.abs(latent[c]).max()) or 1.0 for c in range(channels)]
     for col, z in enumerate(zs):
-        ax = axes[0, col]
-        ax.imshow(colours[indices[:, :, z].T], origin="lower", interpolation="nearest")
-        ax.set_title(f"slice z = {z + 1} of {latent.shape[3]}", fontsize=9)
+        if codes:
+            axes[0, col].imshow(colours[indices[:, :, z].T], origin="lower", interpolation="nearest")
+        axes[0, col].set_title(f"slice z = {z + 1} of {latent.shape[3]}", fontsize=9)
         for c in range(channels):
-            axes[1 + c, col].imshow(latent[c, :, :, z].T, origin="lower", cmap="RdBu_r", vmin=-lims[c],
+            axes[top + c, col].imshow(latent[c, :, :, z].T, origin="lower", cmap="RdBu_r", vmin=-lims[c],
                                     vmax=lims[c], interpolation="nearest")
     for r in range(rows):
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r, 0].set_ylabel("code index" if r == 0 else f"channel {r}", fontsize=9)
+        axes[r, 0].set_ylabel("code index" if r < top else f"channel {r - top + 1}", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.99, top=0.93, bottom=0.02, wspace=0.05, hspace=0.12)
     return _png(fig)
 

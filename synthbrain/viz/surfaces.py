@@ -133,17 +133,25 @@ def brain_surfaces(volume: Volume, grid: Grid | None = None, max_triangles: int 
     try:
         fr = tissue_fractions(volume, grid)
     except InvalidVolumeError as e:
-        data = np.asarray(volume.data, np.float32)
-        top = float(np.percentile(data, 99.5)) if data.size else 0.0
-        if not top > 0:
-            return Surfaces((), note=f"no surfaces: {e}")
-        mesh = isosurface(data / top, volume.affine, 0.2, name="brain", max_triangles=brain_budget)
-        return Surfaces((mesh,), note=f"ventricles not segmented: {e}")
+        return foreground_surface(volume, "brain", brain_budget, note=f"ventricles not segmented: {e}",
+                                  empty=f"no surfaces: {e}")
     affine = fr.grid.affine
     brain = isosurface(fr.brain, affine, 0.5, name="brain", max_triangles=brain_budget)
     vent = isosurface(fr.ventricles, affine, 0.5, name="ventricles", rgba=VENTRICLE_RGBA,
                       max_triangles=max_triangles - brain_budget, smooth_sigma=0.5)
     return Surfaces(tuple(m for m in (brain, vent) if m.n_triangles))
+
+
+def foreground_surface(volume: Volume, name: str, max_triangles: int = 100_000, note: str | None = None,
+                       empty: str = "no surfaces: the volume is empty") -> Surfaces:
+    """One surface around the volume's foreground (a fifth of its 99.5th-percentile intensity): the
+    outline of a volume whose tissues are not segmented, such as a whole head (skull and scalp
+    included, which a brain segmentation would count as brain) or an untrained model's output."""
+    data = np.asarray(volume.data, np.float32)
+    top = float(np.percentile(data, 99.5)) if data.size else 0.0
+    if not top > 0:
+        return Surfaces((), note=empty)
+    return Surfaces((isosurface(data / top, volume.affine, 0.2, name=name, max_triangles=max_triangles),), note=note)
 
 
 def to_mz3(mesh: Mesh) -> bytes:

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from synthbrain.viz.surfaces import read_mz3
 
@@ -141,12 +142,14 @@ def test_gallery_items_reopen_download_and_delete(media):
     """Every older sample can be shown again, downloaded (NIfTI + sidecar through the exporter) and
     deleted; captions tell same-seed samples apart by steps, guidance, precision and time."""
     from synthbrain.io import volume_from_bytes
+    from synthbrain.sampling import resolve_precision
 
     at = generate(generate(generate(open_page("generate"), seed=1, steps=1), seed=1, steps=2), seed=3, steps=1)
     assert not at.exception
     one, two, three = at.session_state["gen_gallery"]
     captions = [img.proto.imgs[0].caption for img in at.get("image")]  # newest first
-    assert captions[2].startswith("Sample 1:") and "seed 1 · 1 step · guidance 2 · fp32 · " in captions[2]
+    precision = resolve_precision(torch.device("cpu"))  # bf16 on a CPU with AMX tiles, else fp32
+    assert captions[2].startswith("Sample 1:") and f"seed 1 · 1 step · guidance 2 · {precision} · " in captions[2]
     assert "seed 1 · 2 steps · guidance 2" in captions[1] and " s at " in captions[1]
     assert at.subheader[0].value == "Sample 3" and at.button(key="gen_open_3").disabled
 

@@ -73,6 +73,10 @@ def test_the_imported_bundle_is_picked_and_generates_at_guidance_1_with_no_contr
     assert "needs a brain-extracted volume" in texts(at)
     (view, *_) = viewer_calls(at)
     assert view.volume(0).shape == TINY.shape and "not a person" in view.panels[0]["title"]
+    # 3D: the head's outline, not a "brain" segmented out of a head with its skull
+    surfaces, note = item.surface_set
+    assert [s.name for s in surfaces] == ["head.mz3"] and "outer surface of the head" in note
+    assert "outer surface of the head" in texts(at)
 
 
 def test_the_demo_bundle_keeps_its_guidance_slider(imported):
@@ -116,6 +120,22 @@ def test_compare_reconstructs_a_scan_through_the_kl_autoencoder_whole_head_min_m
     assert "continuous" in figures["Latent"] and "Code bits / bits of a 16-bit volume" not in figures
     (view,) = viewer_calls(at)
     assert len(view.panels) == 2
+
+
+def test_learn_describes_the_kl_autoencoder_and_shows_it(imported):
+    """The Learn page follows the bundle's stage 1: a continuous latent, no codebook, no VQ-VAE."""
+    at = open_with("learn", imported)
+    assert not at.exception, at.exception
+    headers = [h.value for h in at.header]
+    assert headers[0].startswith("1. The KL autoencoder") and not any("VQ-VAE" in h for h in headers)
+    page = texts(at)
+    assert "positions with 3 channels" in page and "codebook vectors" not in page and "VQ-VAE" not in page
+    at = at.button(key="learn_vq_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == 3  # the template, its reconstruction and the latent's channels
+    assert "codes appear" not in texts(at)
+    figures = dict(zip(*(frame(at.table[1].value)[k] for k in ("Figure", "Value"))))
+    assert "continuous" in figures["Latent"]
 
 
 def test_model_page_shows_the_imported_card(imported):

@@ -119,6 +119,9 @@ def test_latent_png_shows_codes_and_channels():
     assert few.size[1] < img.size[1] / 2
     with pytest.raises(ValueError, match="latent"):
         latent_png(latent, indices[:5])
+    # a continuous (KL) latent has no codes: its channels only, one row fewer
+    kl = Image.open(io.BytesIO(latent_png(latent, None, n_slices=5, width_px=800)))
+    assert kl.size[0] == 800 and kl.size[1] == pytest.approx(img.size[1] * 4 / 5, rel=0.02)
 
 
 def test_denoising_png_needs_matching_inputs():
