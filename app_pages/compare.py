@@ -24,7 +24,7 @@ def reconstruct_builtin(bundle_path: str, device: str, weights: str, source: str
     bundle = common.load_bundle_cached(bundle_path, device)
     scan = scans.builtin_scan(source, index, bundle.grid.name)
     recon = jobs.run(lambda _: reconstruct(bundle, scan.volume, device=device), "", show=False)
-    return results.make_compare(scan.key, scan.label, recon, scan.details, provenance=scan.provenance)
+    return results.make_compare(scan.key, scan.label, recon, scan.details, provenance=scan.provenance, bundle=bundle)
 
 
 bundle = common.current_bundle()
@@ -59,7 +59,7 @@ if go and scan is not None:
                 recon = jobs.run(lambda _: reconstruct(bundle, volume, device=on), "Reconstructing…")
                 # the user's own scan: kept in this session only, never in a shared cache
                 st.session_state[RESULT] = results.make_compare(scan.key, scan.label, recon,
-                                                                provenance=scan.provenance)
+                                                                provenance=scan.provenance, bundle=bundle)
             else:
                 st.session_state[RESULT] = reconstruct_builtin(
                     str(bundle.path), common.device(), bundle.config["autoencoder"].get("sha256", ""), source,
@@ -87,7 +87,11 @@ threshold = c2.slider("Hide differences smaller than", 0.0, top, step=0.005, key
                       help="Intensities are normalised to [0, 1]. The default colours only the 5 % of brain voxels "
                            f"that differ most (|difference| ≥ {result.diff_threshold:.3f} for this scan); "
                            "0 colours every voxel that differs at all.")
-viewer(result.panels(opacity, threshold), key="cmp_viewer", sync=True, height=520,
+masks = st.toggle("Overlay what was measured (brain, ventricles)", key="cmp_masks",
+                  disabled=not result.measurement_rows(),
+                  help="The voxels the measured volumes count, on the original and on its reconstruction; the "
+                       "viewer's toolbar hides each overlay and sets its opacity.")
+viewer(result.panels(opacity, threshold, masks=masks), key="cmp_viewer", sync=True, height=520,
        screenshot=f"{result.download_stem(bundle.grid)}_view.png")
 st.caption("The crosshair, slices and zoom of the two panels are locked together. The overlay on the right is "
            "reconstruction − original in intensity units (0..1 scale; warm: brighter, cool: darker), coloured where "
@@ -100,6 +104,15 @@ with left:
 with right:
     st.markdown("**Compression**")
     st.table(pd.DataFrame(results.compression_rows(result.recon)), hide_index=True)
+
+st.markdown("**Measured volumes**")
+if result.measurement_rows():
+    st.table(pd.DataFrame(result.measurement_rows()), hide_index=True)
+    st.caption("Measured from each image alone, as on Generate: how much the reconstruction changes the volumes "
+               "a study would read off it. Ventricles are the lateral and third ventricles (never the fissure "
+               "between the hemispheres); the overlay toggle above shows the voxels counted.")
+else:
+    st.caption(f"Not measured: {result.measure_error}")
 
 st.download_button(f"Download the reconstruction ({results.kind(result.recon_provenance).title}; NIfTI + JSON, .zip)",
                    data=lambda: result.download_zip(bundle), file_name=f"{result.download_stem(bundle.grid)}.zip",

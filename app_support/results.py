@@ -23,8 +23,41 @@ INTENSITY = "intensity (0..1, normalised)"  # what the viewer's readout calls a 
 MASKS = (("brain (measured)", "green", 0.25,
           "brain: share of each voxel counted as brain tissue (0..1); summed x voxel volume = brain volume (mL)"),
          ("ventricles (measured)", "warm", 0.9,
-          "ventricles: share of each voxel counted as ventricular CSF (0..1); summed x voxel volume = "
+          "ventricles: voxels counted as lateral + third ventricle (1); their number x voxel volume = "
           "ventricular volume (mL)"))
+
+
+def measure_for_display(volume: Volume, bundle) -> tuple[dict | None, str | None, tuple[bytes, ...]]:
+    """(brain, ventricular and intracranial volume in mL, None, the measured brain and ventricle maps
+    as display files) of ``volume`` on ``bundle``'s grid, or (None, why not, ()). One segmentation gives
+    both; only its small display files are kept. A whole-head bundle's volumes are not measured."""
+    from synthbrain.data.preprocess import WHOLE_HEAD_UNMEASURED, is_whole_head
+    from synthbrain.measure import segment
+    from synthbrain.viz.display import display_nifti_bytes
+
+    if is_whole_head(bundle.config.get("intensity")):  # its skull would be counted as brain
+        return None, WHOLE_HEAD_UNMEASURED, ()
+    try:
+        seg = segment(volume, bundle.grid)
+    except InvalidVolumeError as e:
+        return None, str(e), ()
+    m = seg.measurement
+    masks = tuple(display_nifti_bytes(Volume(data, seg.grid.affine), f"SynthBrain measured {name} (display)")
+                  for data, name in ((seg.brain, "brain"), (seg.ventricles, "ventricles")))
+    return {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
+            "intracranial_volume": m.intracranial_volume}, None, masks
+
+
+def mask_layers(masks: tuple[bytes, ...]) -> tuple[Layer, ...]:
+    """Measured brain and ventricle maps (display files) as overlays with their colour bars."""
+    return tuple(Layer(data, name=f"{label.split()[0]}_mask.nii.gz", label=label, colormap=cmap, opacity=alpha,
+                       cal_min=0.05, cal_max=1.0, colorbar=bar)
+                 for data, (label, cmap, alpha, bar) in zip(masks, MASKS))
+
+
+# what the measured volumes are called in tables
+VOLUME_LABELS = {"brain_volume": "Brain (grey + white matter)", "ventricular_volume": "Ventricles (lateral + third)",
+                 "intracranial_volume": "Intracranial (the head mask)"}
 
 
 def base_layer(display: bytes, name: str, label: str = INTENSITY) -> Layer:
@@ -54,22 +87,8 @@ class GalleryItem:
     @cached_property
     def _measured(self) -> tuple[dict | None, str | None, tuple[bytes, ...]]:
         """(volumes in mL, None, the measured brain and ventricle maps as display files) or
-        (None, why not, ()). One segmentation gives both; only its small display files are kept."""
-        from synthbrain.data.preprocess import WHOLE_HEAD_UNMEASURED, is_whole_head
-        from synthbrain.measure import segment
-        from synthbrain.viz.display import display_nifti_bytes
-
-        if is_whole_head(self.bundle.config.get("intensity")):  # its skull would be counted as brain
-            return None, WHOLE_HEAD_UNMEASURED, ()
-        try:
-            seg = segment(self.volume, self.bundle.grid)
-        except InvalidVolumeError as e:
-            return None, str(e), ()
-        m = seg.measurement
-        masks = tuple(display_nifti_bytes(Volume(data, seg.grid.affine), f"SynthBrain measured {name} (display)")
-                      for data, name in ((seg.brain, "brain"), (seg.ventricles, "ventricles")))
-        return {"brain_volume": m.brain_volume, "ventricular_volume": m.ventricular_volume,
-                "intracranial_volume": m.intracranial_volume}, None, masks
+        (None, why not, ())."""
+        return measure_for_display(self.volume, self.bundle)
 
     @property
     def measurement(self) -> tuple[dict | None, str | None]:
@@ -78,9 +97,7 @@ class GalleryItem:
 
     def mask_layers(self) -> tuple[Layer, ...]:
         """What was measured, as overlays (the viewer's toolbar hides each and sets their opacity)."""
-        return tuple(Layer(data, name=f"{label.split()[0]}_mask.nii.gz", label=label, colormap=cmap, opacity=alpha,
-                           cal_min=0.05, cal_max=1.0, colorbar=bar)
-                     for data, (label, cmap, alpha, bar) in zip(self._measured[2], MASKS))
+        return mask_layers(self._measured[2])
 
     @property
     def measured(self) -> dict | None:
@@ -219,6 +236,26 @@ class CompareResult:
     provenance: str = REAL         # the original: real (a person's scan) or synthetic (a phantom, the template)
     diff_threshold: float = 0.03   # the overlay's default: |difference| below it is not coloured
     diff_top: float = 0.25         # where its colour ramp saturates
+    # measure_for_display of the original and of the reconstruction ((None, why not, ()) when not measured)
+    measured_original: tuple = (None, None, ())
+    measured_recon: tuple = (None, None, ())
+
+    def measurement_rows(self) -> list[dict]:
+        """Brain, ventricular and intracranial volume (mL) of the original and of its reconstruction, and
+        their difference; [] when they were not measured."""
+        a, b = self.measured_original[0], self.measured_recon[0]
+        if not a:
+            return []
+
+        def ml(d, k):
+            return f"{d[k]:.1f}" if d else "n/a"
+        return [{"Volume": label, "Original (mL)": ml(a, k), "Reconstruction (mL)": ml(b, k),
+                 "Difference (mL)": f"{b[k] - a[k]:+.1f}" if b else "n/a"} for k, label in VOLUME_LABELS.items()]
+
+    @property
+    def measure_error(self) -> str | None:
+        """Why the original (or else its reconstruction) could not be measured, if so."""
+        return self.measured_original[1] or self.measured_recon[1]
 
     @property
     def recon_provenance(self) -> str:
@@ -226,7 +263,9 @@ class CompareResult:
         Of a phantom: synthetic."""
         return SYNTHETIC if self.provenance == SYNTHETIC else DERIVED
 
-    def panels(self, opacity: float, threshold: float) -> list[Panel]:
+    def panels(self, opacity: float, threshold: float, masks: bool = False) -> list[Panel]:
+        """The original and the reconstruction + difference, linked; with ``masks`` each with what was
+        measured on it (brain, ventricles) as overlays."""
         from synthbrain.viz.display import LARGE_VOXELS
 
         # a 3D tile ray-casts the whole volume on every redraw of the linked panels: at 1 mm that made the
@@ -235,10 +274,12 @@ class CompareResult:
         diff = Layer(self.diff_display, name="difference.nii.gz", label="difference (0..1 scale)",
                      colormap=DIFF_COLORMAPS[0], colormap_negative=DIFF_COLORMAPS[1], opacity=opacity,
                      cal_min=threshold, cal_max=max(self.diff_top, threshold * 1.5), colorbar=DIFF_COLORBAR)
+        original = mask_layers(self.measured_original[2]) if masks else ()
+        recon = mask_layers(self.measured_recon[2]) if masks else ()
         return [Panel(f"Original: {kind(self.provenance).title}",
-                      layers=(base_layer(self.original_display, "original.nii.gz"),), show_render=render),
+                      layers=(base_layer(self.original_display, "original.nii.gz"), *original), show_render=render),
                 Panel(f"Reconstruction ({kind(self.recon_provenance).title}) + difference", layers=(
-                    base_layer(self.recon_display, "reconstruction.nii.gz"), diff), show_render=render)]
+                    base_layer(self.recon_display, "reconstruction.nii.gz"), diff, *recon), show_render=render)]
 
     def download_stem(self, grid) -> str:
         from synthbrain.export import file_stem
@@ -259,12 +300,17 @@ class CompareResult:
                                self.recon.reconstruction, fields, source)
 
 
-def make_compare(key: str, label: str, recon, details: str = "", provenance: str = REAL) -> CompareResult:
+def make_compare(key: str, label: str, recon, details: str = "", provenance: str = REAL,
+                 bundle=None) -> CompareResult:
+    """The result as the page keeps it; with ``bundle``, the original and the reconstruction measured
+    (brain and ventricles, with their maps for the overlays)."""
     from synthbrain.viz.display import difference_window, display_nifti_bytes
 
     rec_kind = SYNTHETIC if provenance == SYNTHETIC else DERIVED
     threshold, top = difference_window(recon.difference.data, recon.original.data)
-    return CompareResult(key=key, label=label, recon=recon,
+    measured = {} if bundle is None else {"measured_original": measure_for_display(recon.original, bundle),
+                                          "measured_recon": measure_for_display(recon.reconstruction, bundle)}
+    return CompareResult(key=key, label=label, recon=recon, **measured,
                          original_display=display_bytes(recon.original, provenance),
                          recon_display=display_bytes(recon.reconstruction, rec_kind),
                          diff_display=display_nifti_bytes(recon.difference, "reconstruction - original"),

@@ -312,6 +312,39 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
     return sha256_file(path / f"{component}.safetensors")
 
 
+def cast_weights(bundle_dir: str | Path, component: str, dtype: str = "float16") -> str:
+    """Store ``component``'s floating-point weights in ``dtype`` (float16 halves the file: the demo
+    bundle must fit, with the code and the wheels, in what a GPU session carries), updating config.json's
+    sha256; returns it. The network loads them cast back to float32, so its outputs change by the
+    rounding: measure the bundle again afterwards (``synthbrain evaluate``)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bundle_dir = Path(bundle_dir)
+    f = bundle_dir / f"{component}.safetensors"
+    config = read_config(bundle_dir)
+    _load_weights(bundle_dir, component, config)  # present and checksummed
+    target = getattr(torch, dtype)
+    with safe_open(str(f), "pt") as g:
+        meta = json.loads(g.metadata()["synthbrain"])
+        state = {}
+        for k in g.keys():  # noqa: SIM118 (a safetensors file handle, not a dict)
+            t = g.get_tensor(k)
+            state[k] = t.to(target) if t.is_floating_point() else t
+    meta["dtype"] = dtype
+    tmp = bundle_dir / f".{component}.safetensors.tmp"
+    try:
+        save_file(state, str(tmp), metadata={"synthbrain": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, f)
+    finally:
+        tmp.unlink(missing_ok=True)
+    config[component]["sha256"] = sha256_file(f)
+    config[component]["weights_dtype"] = dtype
+    write_config(bundle_dir, config)
+    return config[component]["sha256"]
+
+
 def _weights_stamp(config: dict) -> dict[str, str]:
     return {c: config[c].get("sha256", "") for c in COMPONENTS if c in config}
 

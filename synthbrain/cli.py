@@ -245,6 +245,8 @@ def train_autoencoder_cmd(
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
     schema: Path | None = SchemaOpt,
+    init_from: Path | None = typer.Option(None, "--init-from", help="bundle whose autoencoder to start from "
+                                          "(fine-tuning: same model configuration)"),
 ) -> None:
     """Train the VQ-VAE (stage 1); exports a bundle to OUT/bundle. Works under torchrun."""
     _check_schema(data, condition, schema)
@@ -253,7 +255,7 @@ def train_autoencoder_cmd(
     with progress("train autoencoder") as on_step:
         bundle = train_autoencoder(data, out, grid=grid, steps=steps, resume=resume, config_file=config,
                                    device=device, on_step=on_step, extra_conditions=condition,
-                                   schema_file=schema)
+                                   schema_file=schema, init_from=init_from)
     _rank0_echo(f"bundle written to {bundle}")
 
 
@@ -275,6 +277,8 @@ def train_prior_cmd(
     device: str = TrainDeviceOpt,
     condition: list[str] = typer.Option([], "--condition", help="extra participants.tsv column to condition on"),
     schema: Path | None = SchemaOpt,
+    init_from: Path | None = typer.Option(None, "--init-from", help="bundle whose prior to start from "
+                                          "(fine-tuning: same model configuration and conditions)"),
 ) -> None:
     """Train the conditional latent diffusion prior (stage 2) on cached latents. Works under torchrun."""
     _check_schema(data, condition, schema)
@@ -282,7 +286,8 @@ def train_prior_cmd(
 
     with progress("train prior") as on_step:
         out_bundle = train_prior(bundle, data, out, steps=steps, resume=resume, config_file=config, device=device,
-                                 on_step=on_step, extra_conditions=condition, schema_file=schema)
+                                 on_step=on_step, extra_conditions=condition, schema_file=schema,
+                                 init_from=init_from)
     _rank0_echo(f"bundle written to {out_bundle}")
 
 

@@ -31,38 +31,51 @@ SAMPLES_PNG = "samples.png"
 def evaluate_autoencoder(bundle_path: str | Path, data: str | Path, device: str = "cpu",
                          on_step: OnStep | None = None, max_subjects: int | None = None) -> dict:
     """Brain-masked PSNR (dB) and SSIM (the headline), whole-volume PSNR, SSIM, MS-SSIM and MAE on
-    (held-out) subjects, codebook usage and the size budget; into metrics.json. Also writes
-    ``reconstruction.png`` into the bundle: original | reconstruction | difference of the median subject."""
+    (held-out) subjects, codebook usage (a VQ-VAE's) and the size budget; into metrics.json. Also writes
+    ``reconstruction.png`` into the bundle: original | reconstruction | difference of the median subject.
+
+    The data is read by the bundle's intensity convention: for a whole-head bundle (a KL autoencoder
+    imported from the MONAI model zoo) whole-head T1s aligned to MNI152, min-max normalised, and the
+    masked figures are over the head (its non-zero voxels), skull included. A KL autoencoder decodes in
+    slabs on a CPU at 1 mm (as :func:`synthbrain.reconstruction.reconstruct` does)."""
     from synthbrain.bundle import load_bundle, update_metrics
     from synthbrain.conditions import ConditionSchema
     from synthbrain.data.bids import BIDSDataset
     from synthbrain.metrics import reconstruction_metrics
+    from synthbrain.models.autoencoder_kl import KIND as KL
+    from synthbrain.sampling import resolve_decode
 
     bundle = load_bundle(bundle_path, device=device, components=("autoencoder",))
-    ds = BIDSDataset(data, grid=bundle.grid, schema=ConditionSchema(()))
+    ds = BIDSDataset(data, grid=bundle.grid, schema=ConditionSchema(()), intensity=bundle.config.get("intensity"))
     idx, held_out = _eval_subjects(bundle, ds, "autoencoder")
     idx = idx[:max_subjects] if max_subjects else idx
     ae = bundle.autoencoder
+    kl = getattr(ae.config, "kind", None) == KL
+    sliced = resolve_decode(ae, torch.device(device), bundle.grid, "auto")
     rows, codes, times, recons = [], [], [], []
     with torch.inference_mode():
         for k, i in enumerate(idx):
             x = torch.from_numpy(ds.volume(i)[None, None].copy()).to(device)
             t0 = time.perf_counter()
-            rec = ae.decode(ae.encode_quantized(x)).float().clamp(0, 1)
+            z = ae.encode_quantized(x)
+            rec = (ae.decode_sliced(z) if sliced else ae.decode(z)).float().clamp(0, 1)
             times.append(time.perf_counter() - t0)
             rows.append(reconstruction_metrics(rec, x))
             recons.append(rec[0, 0].cpu().numpy())
-            codes.append(ae.code_indices(x).reshape(-1))
+            if not kl:  # a KL latent is continuous: no codes to count
+                codes.append(ae.code_indices(x).reshape(-1))
             if on_step:
                 on_step(k + 1, len(idx), {"psnr_brain": rows[-1]["psnr_brain"]})
     result = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     headline = ("psnr_brain", "ssim_brain", "psnr", "ssim")
     result.update({f"{k}_sd": float(np.std([r[k] for r in rows])) for k in headline})
-    result.update(ae.codebook_stats(torch.cat(codes)))
+    if codes:
+        result.update(ae.codebook_stats(torch.cat(codes)))
     comp = ae.config.compression(bundle.grid.shape)
-    result.update(latent_values_per_voxel=comp["latent_values_per_voxel"],
-                  latent_bits_per_volume_bits=comp["latent_bits_per_volume_bits"], latent_shape=comp["latent_shape"],
-                  code_bits=comp["code_bits"], volume_bits_16bit=comp["volume_bits"],
+    if "code_bits" in comp:  # a VQ-VAE's codes (a KL latent is continuous: values per voxel only)
+        result.update(latent_bits_per_volume_bits=comp["latent_bits_per_volume_bits"], code_bits=comp["code_bits"],
+                      volume_bits_16bit=comp["volume_bits"])
+    result.update(latent_values_per_voxel=comp["latent_values_per_voxel"], latent_shape=comp["latent_shape"],
                   subjects=len(idx), held_out=held_out, data=ds.fingerprint()["name"],
                   seconds_per_volume_encode_decode=float(np.median(times)), device=device,
                   units={"psnr": "dB", "psnr_brain": "dB", "mae": "intensity (0..1)", "code_bits": "bits",

@@ -62,6 +62,10 @@ class Grid:
         """(N, 3) world mm -> (N, 3) continuous voxel indices."""
         return (np.asarray(xyz, dtype=float) - np.asarray(self.origin)) / self.spacing
 
+    def axis_mm(self, axis: int) -> np.ndarray:
+        """World coordinates (mm) of the voxel centres along ``axis`` (0 = x, 1 = y, 2 = z)."""
+        return self.origin[axis] + self.spacing * np.arange(self.shape[axis])
+
     def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
         """(N, 3) voxel indices -> (N, 3) world mm."""
         return np.asarray(ijk, dtype=float) * self.spacing + np.asarray(self.origin)

@@ -22,11 +22,21 @@ CGROUP = Path("/sys/fs/cgroup")
 VQ_MAPS = 4
 
 
-def decode_bytes(autoencoder_config, shape: tuple[int, ...], sliced: bool = False, batch: int = 1) -> int:
-    """Bytes a decode of ``batch`` latents to volumes of spatial ``shape`` adds at its peak (float32)."""
+def element_bytes(precision: str = "fp32") -> int:
+    """Bytes of one feature-map value in a pass run at ``precision`` (a resolved one: fp32, bf16, fp16).
+    Under bf16 autocast the sliced 1 mm decode of the UK Biobank autoencoder added 1.86 GB where fp32
+    added 3.6 (benchmarks/results.md): half, as the feature maps are."""
+    return 4 if precision == "fp32" else 2
+
+
+def decode_bytes(autoencoder_config, shape: tuple[int, ...], sliced: bool = False, batch: int = 1,
+                 precision: str = "fp32") -> int:
+    """Bytes a decode of ``batch`` latents to volumes of spatial ``shape`` adds at its peak, run at
+    ``precision`` (fp32, or bf16 / fp16 autocast)."""
+    element = element_bytes(precision)
     if hasattr(autoencoder_config, "decode_bytes"):
-        return autoencoder_config.decode_bytes(tuple(shape), sliced=sliced, batch=batch)
-    return VQ_MAPS * 4 * batch * autoencoder_config.feature_map_elements(tuple(shape))
+        return autoencoder_config.decode_bytes(tuple(shape), sliced=sliced, batch=batch, element=element)
+    return VQ_MAPS * element * batch * autoencoder_config.feature_map_elements(tuple(shape))
 
 
 def encode_bytes(autoencoder_config, shape: tuple[int, ...], batch: int = 1) -> int:

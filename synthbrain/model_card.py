@@ -203,6 +203,10 @@ def render_model_card(bundle_dir: Path) -> str:
         origin = ([f"- imported from `{imported['file']}` ({imported['key_layout']} key layout), not trained here"]
                   if imported else [f"- trained for {s.get('steps_trained')} steps, seed {s.get('seed')}",
                                     f"- data: {json.dumps(s.get('data_fingerprint', {}))}"])
+        start = s.get("initialised_from")
+        if start:  # fine-tuned (--init-from): the steps above came after those of the network it started from
+            origin.insert(1, f"- started from the {stage} of `{start.get('bundle')}` ({start.get('steps_trained')} "
+                             f"steps; sha256 {str(start.get('sha256', ''))[:12]}), not from a random initialisation")
         lines += [f"## {stage.capitalize()}", "", *origin,
                   "- commands:", *[f"  - `{c}`" for c in s.get("commands", [s.get("command", "")])],
                   f"- network config: `{json.dumps(s.get('config', {}))}`"]

@@ -269,10 +269,11 @@ class Generator:
 
     def decode_memory(self, batch: int = 1) -> int:
         """Bytes the decode of ``batch`` latents adds at its peak, from the autoencoder's config (sliced or
-        whole, as this generator decodes; see synthbrain.memory)."""
+        whole, at this generator's precision, as it decodes; see synthbrain.memory)."""
         from synthbrain.memory import decode_bytes
 
-        return decode_bytes(self.autoencoder.config, self.grid.shape, sliced=self.sliced_decode, batch=batch)
+        return decode_bytes(self.autoencoder.config, self.grid.shape, sliced=self.sliced_decode, batch=batch,
+                            precision=self.precision)
 
     def require_memory(self, batch: int = 1) -> None:
         """Refuse (:class:`~synthbrain.errors.InsufficientMemoryError`) before any work when this device

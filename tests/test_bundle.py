@@ -310,3 +310,19 @@ def test_saving_the_same_weights_twice_gives_the_same_file(tiny_bundle, tmp_path
     a.mkdir(), b.mkdir()
     assert save_weights(a, "autoencoder", model, {"k": 1, "j": 2}) == save_weights(b, "autoencoder", model,
                                                                                     {"k": 1, "j": 2})
+
+
+def test_weights_cast_to_float16_halve_the_file_and_still_load_as_float32(tiny_bundle, tmp_path):
+    from synthbrain.bundle import cast_weights
+
+    path = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = (path / "prior.safetensors").stat().st_size
+    ref = load_bundle(path).prior.state_dict()
+    sha = cast_weights(path, "prior", "float16")
+    assert read_config(path)["prior"]["sha256"] == sha and read_config(path)["prior"]["weights_dtype"] == "float16"
+    assert (path / "prior.safetensors").stat().st_size < 0.6 * before
+    prior = load_bundle(path).prior  # checksummed against the new sha256
+    for k, v in prior.state_dict().items():
+        assert v.dtype == ref[k].dtype  # cast back to float32 on load
+        if v.is_floating_point():
+            torch.testing.assert_close(v, ref[k], rtol=1e-3, atol=1e-4)

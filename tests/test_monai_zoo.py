@@ -366,3 +366,36 @@ def test_a_full_grid_import_samples_a_1mm_volume_with_the_grids_affine(tmp_path)
     s = gen.sample({"age": 0.5}, steps=2)[0]
     assert s.volume.data.shape == (160, 224, 160) and np.array_equal(s.volume.affine, FULL.affine)
     assert s.provenance == "synthetic"
+
+
+def test_evaluate_autoencoder_reads_whole_heads_by_the_bundles_convention(imported, tmp_path):
+    """`synthbrain evaluate autoencoder` on an imported (KL, whole-head) bundle: the cohort's whole-head
+    T1s are cached min-max over the field of view with the skull kept (apart from brain-extracted
+    derivatives), reconstructed through the KL autoencoder; no codebook figures."""
+    import nibabel as nib
+    from nilearn.datasets import MNI152_FILE_PATH
+
+    from synthbrain.conditions import ConditionSchema
+    from synthbrain.data import native
+    from synthbrain.data.bids import BIDSDataset
+    from synthbrain.data.template import load_template
+    from synthbrain.evaluation import evaluate_autoencoder
+    from synthbrain.io import read_volume
+
+    mni = read_volume(MNI152_FILE_PATH)
+    head = native.head_with_shell(mni)
+    root = tmp_path / "heads"
+    for label, data in (("sub-01", head), ("sub-02", 0.8 * head)):
+        (root / label / "anat").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data.astype(np.float32), mni.affine), root / label / "anat" / f"{label}_T1w.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\n")
+    result = evaluate_autoencoder(imported, root)
+    assert result["subjects"] == 2 and np.isfinite(result["psnr"]) and "codebook_usage" not in result
+    ds = BIDSDataset(root, grid=TINY, schema=ConditionSchema(()), intensity=read_config(imported)["intensity"])
+    cached = ds.preprocessed_path(0)
+    assert "desc-wholehead" in cached.name
+    vol = read_volume(cached).data
+    assert vol.max() == pytest.approx(1.0) and vol.min() == pytest.approx(0.0)
+    outside = load_template(TINY).brain < 0.01
+    assert vol[outside].max() > 0.5  # the scalp is kept (a brain-extracted derivative is zero there)
+    assert np.array_equal(result["latent_shape"], [3, 4, 6, 4])

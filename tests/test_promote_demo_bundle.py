@@ -95,3 +95,21 @@ def test_a_candidate_as_good_everywhere_replaces_the_shipped_bundle(bundles, tin
     sweep = json.loads((shipped / "metrics.json").read_text())["guidance_sweep"]["curve"]
     assert [p["brain_volume"]["r"] for p in sweep if p["guidance"] == g] == [0.99]
     assert load_bundle(shipped).prior is not None  # loads, checksums and all
+
+
+def test_after_a_change_of_truth_the_candidate_meets_floors_instead_of_the_old_figures(bundles, tiny_bundle, capsys,
+                                                                                       monkeypatch):
+    """--truth-changed: the shipped figures were measured against another definition of the volumes, so a
+    candidate with larger MAEs passes when its r reach 0.95; one under the floor is refused, naming it."""
+    tmp, g, shipped, notes = bundles
+    args = ("--shipped", shipped, "--notes", notes, "--no-evaluate", "--backups", tmp / "kept",
+            "--truth-changed", "the fissure is not ventricle")
+    low = _with_sweep(tiny_bundle, tmp / "low", g, 0.94, 0.99, 9.0, 60.0)
+    r = _promote(capsys, monkeypatch, low, *args)
+    assert r.returncode == 1 and "ventricles r: candidate 0.940, floor 0.950" in r.stderr
+    assert "brain" not in r.stderr.split("refused")[1]  # only the figure under its floor is named
+    ok = _with_sweep(tiny_bundle, tmp / "ok", g, 0.96, 0.99, 9.0, 60.0)  # worse MAEs than the shipped 6 and 40
+    r = _promote(capsys, monkeypatch, ok, *args)
+    assert r.returncode == 0, r.stderr
+    assert "ventricles 9.00 vs 6.00, brain 60.0 vs 40.0" in r.stdout and "the fissure is not ventricle" in r.stdout
+    assert len(list((tmp / "kept").iterdir())) == 1

@@ -46,3 +46,19 @@ def test_ventricles_lie_deep_near_the_midline_inside_their_region(tmpl):
     assert np.median(tmpl.depth[vent]) > 20.0
     assert not (tmpl.ventricle_region & (tmpl.depth == 0)).any()  # never outside the brain
     assert np.all(tmpl.search_mask[tmpl.brain > 0.5])
+
+
+def test_ventricles_are_the_lateral_and_third_not_the_fissure_or_cisterns(tmpl):
+    """The truth of every phantom: the template's lateral ventricles (a mirror pair) and third
+    ventricle (on the midline, under the fornix), never the CSF of the interhemispheric fissure above
+    the corpus callosum, the cisterns round the splenium or below the third ventricle's floor."""
+    from synthbrain.data.template import fissure_mask
+
+    vent = tmpl.ventricles > 0.5
+    x, _, z = (DEMO.axis_mm(i).reshape([-1 if j == i else 1 for j in range(3)]) for i in range(3))
+    assert tmpl.volume_ml(tmpl.csf * fissure_mask(tmpl.wm > 0.5, DEMO.axis_mm(0))) > 5.0  # fluid there
+    assert not (vent & fissure_mask(tmpl.wm > 0.5, DEMO.axis_mm(0))).any()
+    assert z[0, 0, np.nonzero(vent.any(axis=(0, 1)))[0]].min() > -14.0  # no fourth ventricle, no basal cistern
+    left, right, mid = vent & (x < -4.0), vent & (x > 4.0), vent & (np.abs(x) <= 4.0)
+    assert left.sum() == pytest.approx(right.sum(), rel=0.1) and left.sum() > 2 * mid.sum() > 0
+    assert 12.0 < tmpl.ventricular_volume_ml < 25.0

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_AUTOENCODER, subprocess_env, write_json
+from conftest import TINY_AUTOENCODER, cli_in_process, subprocess_env, write_json
 from safetensors.torch import load_file
 
 from synthbrain.errors import ConfigError, SynthBrainError
@@ -81,7 +81,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
     data = shutil.copytree(tiny_cohort.root, tmp_path / "data")
     env = subprocess_env()
 
-    subprocess.run(_cli_train(data, tmp_path / "full", config), check=True, env=env, capture_output=True)
+    # the uninterrupted run and the resume are what `synthbrain train` does, in this process (one thread,
+    # as the killed subprocess runs); only the run that is killed needs a process of its own
+    cli_in_process(*_cli_train(data, tmp_path / "full", config)[3:])
 
     proc = subprocess.Popen([sys.executable, "-c", HOLD_AT, str(data), str(tmp_path / "killed"), str(config), "12"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -101,11 +103,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path):
     assert 6 <= killed_at <= 12
 
     # a resumed run needs --resume; without it the folder is refused
-    refused = subprocess.run(_cli_train(data, tmp_path / "killed", config), env=env, capture_output=True, text=True)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resume = [sys.executable, "-m", "synthbrain", "train", "autoencoder", "--data", str(data),
-              "--out", str(tmp_path / "killed"), "--grid", "tiny", "--device", "cpu", "--resume"]
-    subprocess.run(resume, check=True, env=env, capture_output=True)  # the config comes from run.json
+    from typer.testing import CliRunner
+
+    from synthbrain.cli import app
+
+    refused = CliRunner().invoke(app, _cli_train(data, tmp_path / "killed", config)[3:])
+    assert isinstance(refused.exception, SynthBrainError) and "pass --resume" in str(refused.exception)
+    cli_in_process("train", "autoencoder", "--data", data, "--out", tmp_path / "killed", "--grid", "tiny",
+                   "--device", "cpu", "--resume")  # the config comes from run.json
     recorded = json.loads((tmp_path / "killed" / "bundle" / "config.json").read_text())["autoencoder"]
     assert recorded["config_file"] == str(config.resolve())  # the first run's --config, kept by the resume
 
@@ -311,3 +316,41 @@ def test_bf16_autocast_on_the_cpu_stands_in_for_mixed_precision_on_a_gpu(tmp_pat
     assert autocast_dtype(TrainConfig(amp="off"), torch.device("cpu")) is None
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         autocast_dtype(TrainConfig(amp="fp16"), torch.device("cpu"))
+
+
+def test_fine_tuning_starts_from_the_bundle_weights(tiny_bundle, tiny_cohort, tmp_path):
+    """--init-from copies a bundle's network into the new run (and says so in the provenance); a
+    network of another configuration or condition width is refused, naming what differs."""
+    from conftest import TINY_PRIOR
+
+    from synthbrain.bundle import load_bundle, read_config
+    from synthbrain.models.autoencoder import Autoencoder
+    from synthbrain.models.prior import Prior, PriorConfig
+    from synthbrain.training.loop import init_from_bundle
+    from synthbrain.training.prior import train_prior
+
+    src = load_bundle(tiny_bundle)
+    for name, fresh in (("prior", Prior(src.prior.config, src.prior.latent_shape, src.prior.condition_width)),
+                        ("autoencoder", Autoencoder(src.autoencoder.config))):
+        theirs = getattr(src, name).state_dict()
+        assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in theirs.items())
+        info = init_from_bundle(fresh, tiny_bundle, name)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in theirs.items())
+        assert info["sha256"] == read_config(tiny_bundle)[name]["sha256"]
+
+    p = src.prior
+    other = PriorConfig.from_dict({**p.config.to_dict(), "num_res_blocks": p.config.num_res_blocks + 1})
+    with pytest.raises(ConfigError, match="prior is another network.*num_res_blocks"):
+        init_from_bundle(Prior(other, p.latent_shape, p.condition_width), tiny_bundle, "prior")
+    with pytest.raises(ConfigError, match="does not fit this run's data.*set of conditions"):
+        init_from_bundle(Prior(p.config, p.latent_shape, p.condition_width + 1), tiny_bundle, "prior")
+
+    cfg = json.loads(json.dumps(TINY_PRIOR))
+    cfg["train"].update(steps=2, val_every=0)
+    out = train_prior(tiny_bundle, shutil.copytree(tiny_cohort.root, tmp_path / "data"), tmp_path / "ft",
+                      config_file=write_json(tmp_path / "p.json", cfg), init_from=tiny_bundle)
+    assert read_config(out)["prior"]["initialised_from"]["sha256"] == read_config(tiny_bundle)["prior"]["sha256"]
+    from synthbrain.model_card import write_model_card
+
+    write_model_card(out)
+    assert "- started from the prior of `bundle`" in (out / "MODEL_CARD.md").read_text()

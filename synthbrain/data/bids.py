@@ -112,13 +112,22 @@ class BIDSDataset:
     ``subjects`` restricts it to some participant labels (e.g. a training split). Construction reads
     ``participants.tsv`` and checks every subject has a T1w and a valid value for each condition;
     preprocessing happens on first access (or all at once with :meth:`prepare`).
+
+    ``intensity``: a bundle's convention (config.json ``intensity``). A whole-head one (the imported UK
+    Biobank model's) keeps the skull and scalp: its volumes must be whole-head T1s rigidly aligned to
+    MNI152, min-max normalised over the field of view, cached apart from the brain-extracted ones
+    (``desc-wholehead``).
     """
 
     def __init__(self, root: str | Path, grid: Grid | str = "demo", schema: ConditionSchema = DEFAULT_SCHEMA,
-                 subjects: Iterable[str] | None = None) -> None:
+                 subjects: Iterable[str] | None = None, intensity: dict | None = None) -> None:
+        from synthbrain.data.preprocess import is_whole_head
+
         self.root = Path(root)
         self.grid = get_grid(grid)
         self.schema = schema
+        self.intensity = intensity
+        self.whole_head = is_whole_head(intensity)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: not a folder")
         rows = read_tsv(self.root / "participants.tsv")
@@ -171,7 +180,8 @@ class BIDSDataset:
         from synthbrain.io import read_volume, sidecar_path, write_volume
 
         s = self.subjects[index]
-        out = derivative_path(self.root, s.label, self.grid)
+        out = derivative_path(self.root, s.label, self.grid,
+                              "desc-wholehead_T1w" if self.whole_head else "desc-preproc_T1w")
         source = _file_fingerprint(s.t1w, self.grid)
         side = sidecar_path(out)
         if out.is_file() and side.is_file():
@@ -183,9 +193,9 @@ class BIDSDataset:
         try:
             scan = read_volume(s.t1w)
             # nothing unaligned or with a skull reaches a model
-            checked = (require_prepared(scan, self.grid).to_dict() if known_prepared is None
-                       else {"Skipped": known_prepared})
-            vol, info = preprocess(scan, self.grid)
+            checked = (require_prepared(scan, self.grid, whole_head=self.whole_head).to_dict()
+                       if known_prepared is None else {"Skipped": known_prepared})
+            vol, info = preprocess(scan, self.grid, self.intensity)
         except SynthBrainError as e:
             raise DatasetError(f"{s.label}: {e}") from None
         write_volume(out, vol, description=kind(REAL).description,

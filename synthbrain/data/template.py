@@ -5,7 +5,8 @@ probability maps and the brain mask at 1 mm. From them we derive, once per grid 
 
 - tissue fractions ``gm``, ``wm`` and ``csf`` (= brain mask - GM - WM, clipped), summing to <= 1;
 - ``ventricles``: the CSF fraction inside the lateral and third ventricles, found as the large
-  CSF components deep (> 15 mm) inside the brain near the midline;
+  CSF components deep (> 15 mm) inside the brain near the midline and the midline slit between the
+  commissures, never the interhemispheric fissure or the cisterns round the splenium;
 - ``ventricle_region``: where a ventricle measurement looks (the ventricles dilated by 12 mm,
   kept > 8 mm away from the brain's surface and > 4 mm from other CSF, so that sulcal and
   cisternal CSF does not count);
@@ -40,7 +41,7 @@ class Template:
     ventricle_region: np.ndarray  # bool: where ventricles are measured
     search_mask: np.ndarray   # bool: dilated brain mask
     depth: np.ndarray         # mm from the brain-mask surface (0 outside)
-    deep_gm: np.ndarray       # bool: grey matter > 0.8, > 25 mm deep, > 12 mm from ventricles
+    deep_gm: np.ndarray       # bool: grey matter > 0.8, > 25 mm deep, > 12 mm from ventricles and the fissure
     deep_wm: np.ndarray       # bool: white matter > 0.95, > 15 mm deep (reference WM intensity)
     tissue_intensity: tuple[float, float, float]  # median T1 of pure (> 0.9) CSF, GM, WM
 
@@ -76,10 +77,36 @@ def _nilearn_images():
             nib.load(datasets.WM_MNI152_FILE_PATH), datasets.load_mni152_brain_mask(resolution=1))
 
 
-def _ventricle_seed(csf: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Lateral + third ventricles at 1 mm: CSF components > 2 mL, deep in the brain, near the midline."""
+MIDLINE_MM = 4.0  # half width of the band round x = 0 where the interhemispheric fissure lies
+# the third ventricle: the CSF slit on the midline between the anterior and posterior commissures,
+# under the fornix and above the hypothalamus (MNI mm; the template blurs it to a few mm wide)
+_THIRD_VENTRICLE_MM = {"x": (-5.0, 5.0), "y": (-28.0, 2.0), "z": (-10.0, 10.0)}
+
+
+def fissure_mask(wm: np.ndarray, x_mm: np.ndarray, half_width_mm: float = MIDLINE_MM) -> np.ndarray:
+    """bool (X, Y, Z): the interhemispheric fissure and the midline cisterns as seen from white
+    matter ``wm`` (bool, RAS+ array whose first axis has the world x coordinates ``x_mm``): within
+    ``half_width_mm`` of the midline, every voxel above the topmost white matter of its (x, y) column
+    (the corpus callosum), and whole columns with no white matter (in front of the genu, behind the
+    splenium). The third ventricle lies under the callosum and the fornix, so it is not in it; the
+    lateral ventricles lie off the midline."""
+    midline = np.abs(np.asarray(x_mm)) <= half_width_mm
+    z = np.arange(wm.shape[2])
+    top = np.where(wm.any(axis=2), wm.shape[2] - 1 - np.argmax(wm[:, :, ::-1], axis=2), -1)  # (X, Y)
+    return (z[None, None, :] > top[:, :, None]) & midline[:, None, None]
+
+
+def _ventricle_seed(csf: np.ndarray, mask: np.ndarray, wm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Lateral + third ventricles at 1 mm (RAS+ ``affine`` with no rotation). Lateral: the CSF
+    (> 0.5) components of > 2 mL deep (> 15 mm) in the brain whose centre lies within 25 mm of the
+    midline and above z = 0, once the interhemispheric fissure (:func:`fissure_mask`) is taken out,
+    so that neither the fissure nor the cisterns round the splenium (the velum interpositum, the
+    quadrigeminal cistern), which touch the ventricles in the blurred template, count. Third: the
+    largest CSF component of the midline slit box ``_THIRD_VENTRICLE_MM``, outside the fissure."""
+    axes = [affine[i, 3] + affine[i, i] * np.arange(csf.shape[i]) for i in range(3)]
+    fissure = fissure_mask(wm, axes[0])
     depth = ndi.distance_transform_edt(mask)
-    cand = (csf > 0.5) & (depth > 15)
+    cand = (csf > 0.5) & (depth > 15) & ~fissure
     lab, n = ndi.label(cand)
     if n == 0:
         return np.zeros_like(cand)
@@ -87,8 +114,16 @@ def _ventricle_seed(csf: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np
     sizes = ndi.sum(cand, lab, idx)
     centres = np.array(ndi.center_of_mass(cand, lab, idx)).reshape(-1, 3)
     world = centres @ affine[:3, :3].T + affine[:3, 3]
-    keep = idx[(sizes > 2000) & (np.abs(world[:, 0]) < 25) & (world[:, 2] > 0)]
-    return np.isin(lab, keep)
+    seed = np.isin(lab, idx[(sizes > 2000) & (np.abs(world[:, 0]) < 25) & (world[:, 2] > 0)])
+    box = np.ones(csf.shape, bool)
+    for i, name in enumerate("xyz"):
+        lo, hi = _THIRD_VENTRICLE_MM[name]
+        inside = (axes[i] >= lo) & (axes[i] <= hi)
+        box &= inside.reshape([-1 if j == i else 1 for j in range(3)])
+    lab3, n3 = ndi.label((csf > 0.5) & box & ~fissure)
+    if n3:
+        seed |= lab3 == 1 + int(np.argmax(ndi.sum(lab3 > 0, lab3, np.arange(1, n3 + 1))))
+    return seed
 
 
 def load_template(grid: Grid | str) -> Template:
@@ -125,7 +160,7 @@ def _build_template_arrays(grid: Grid) -> dict[str, np.ndarray]:
     gm1[over] /= tissue[over]
     wm1[over] /= tissue[over]
     csf1 = np.clip(mask1 - gm1 - wm1, 0.0, 1.0)
-    seed = _ventricle_seed(csf1, mask1, affine)
+    seed = _ventricle_seed(csf1, mask1, wm1 > 0.5, affine)
     # the seed is CSF > 0.5; one voxel more catches the partial-volume rim
     vent1 = csf1 * ndi.binary_dilation(seed, iterations=1)
     t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
@@ -144,8 +179,13 @@ def _build_template_arrays(grid: Grid) -> dict[str, np.ndarray]:
     other_csf = ndi.distance_transform_edt((csf - vent) < 0.3) * grid.spacing
     region = (dist_to_vent <= 12.0) & (depth > 8.0) & ((other_csf > 4.0) | (dist_to_vent == 0))
     search = ndi.distance_transform_edt(~inside) * grid.spacing <= 6.0
+    # deep grey matter is the nuclei (caudate, putamen, thalamus), not the cingulate cortex along the
+    # interhemispheric fissure, which is as deep but blurred with the fissure's CSF in the template
+    midline_csf = fissure_mask(wm > 0.5, grid.axis_mm(0)) & (csf > 0.3)
+    off_midline = ndi.distance_transform_edt(~midline_csf) * grid.spacing > 12.0
     pure = np.array([np.median(t1g[f > 0.9]) for f in (csf, gm, wm)], dtype=np.float64)
     return {"t1": t1g, "gm": gm, "wm": wm, "csf": np.minimum(csf, brain), "brain": brain,
             "ventricles": np.minimum(vent, csf), "ventricle_region": region, "search_mask": search,
-            "depth": depth.astype(np.float32), "deep_gm": (gm > 0.8) & (depth > 25.0) & (dist_to_vent > 12.0),
+            "depth": depth.astype(np.float32),
+            "deep_gm": (gm > 0.8) & (depth > 25.0) & (dist_to_vent > 12.0) & off_midline,
             "deep_wm": (wm > 0.95) & (depth > 15.0), "tissue_intensity": pure}

@@ -12,7 +12,7 @@ from synthbrain.errors import ConfigError
 from synthbrain.models.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderLossConfig
 from synthbrain.training.config import TrainConfig, config_sections
 from synthbrain.training.distributed import DistContext, step_generator, unwrap
-from synthbrain.training.loop import OnValidate, Run, StageSetup, run_stage
+from synthbrain.training.loop import OnValidate, Run, StageSetup, init_from_bundle, run_stage
 from synthbrain.training.run import command_line, run_commands
 
 OnStep = Callable[[int, int, dict], None]
@@ -137,8 +137,11 @@ def load_volumes(dataset, indices: Sequence[int]) -> torch.Tensor:
 def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", steps: int | None = None,
                       resume: bool = False, config_file: Path | None = None, device: str | None = None,
                       on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
-                      on_validate: OnValidate | None = None, schema_file: str | Path | None = None) -> Path:
-    """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``."""
+                      on_validate: OnValidate | None = None, schema_file: str | Path | None = None,
+                      init_from: str | Path | None = None) -> Path:
+    """Train the VQ-VAE on a BIDS dataset; returns the exported bundle folder ``out/bundle``.
+    ``init_from``: a bundle whose autoencoder (same configuration) the run starts from (fine-tuning on
+    a changed cohort); a resumed run goes on from its own checkpoint."""
     from synthbrain.grids import get_grid
 
     def check(cfg: AutoencoderTraining) -> None:
@@ -148,14 +151,14 @@ def train_autoencoder(data: str | Path, out: str | Path, grid: str = "demo", ste
             raise ConfigError(f"grid {grid}: {e}") from None
 
     def setup(run: Run) -> StageSetup:
-        return _autoencoder_setup(run, data, grid, extra_conditions, schema_file)
+        return _autoencoder_setup(run, data, grid, extra_conditions, schema_file, init_from)
 
     return run_stage(AutoencoderTraining, out, setup, steps=steps, resume=resume, config_file=config_file,
                      device=device, on_step=on_step, on_validate=on_validate, check=check)
 
 
 def _autoencoder_setup(run: Run, data: str | Path, grid: str, extra_conditions: Sequence[str],
-                       schema_file: str | Path | None) -> StageSetup:
+                       schema_file: str | Path | None, init_from: str | Path | None = None) -> StageSetup:
     from synthbrain.bundle import export_stage, new_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
 
@@ -166,12 +169,15 @@ def _autoencoder_setup(run: Run, data: str | Path, grid: str, extra_conditions: 
     train_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=train_ids)
     val_ds = BIDSDataset(data, grid=grid, schema=schema, subjects=val_ids) if val_ids else None
     model = None
+    init_info: dict = {}
 
     def build():
         nonlocal model
         train_vols = load_volumes(train_ds, range(len(train_ds)))
         val_vols = load_volumes(val_ds, range(len(val_ds))) if val_ds else torch.empty(0)
         model = Autoencoder(cfg.model)
+        if init_from is not None:
+            init_info.update(init_from_bundle(model, init_from, "autoencoder"))
         stage = AutoencoderStage(model, cfg, run.device, run.dist)
         return (stage, lambda idx: train_vols[idx], len(train_vols),
                 [v[None] for v in val_vols[:VAL_DURING_TRAINING]])
@@ -186,6 +192,8 @@ def _autoencoder_setup(run: Run, data: str | Path, grid: str, extra_conditions: 
             "data_fingerprint": train_ds.fingerprint(), "val_subjects": val_ids,
             "compression": cfg.model.compression(train_ds.grid.shape),
         }
+        if init_info:
+            config["autoencoder"]["initialised_from"] = init_info
         export_stage(bundle_dir, "autoencoder", model, config, run.dir, val, steps_trained)
 
     info = {"stage": "autoencoder", "data": str(Path(data).resolve()), "grid": grid,

@@ -314,6 +314,42 @@ class StageSetup:
     export: Callable[[Path, int, dict], None]      # rank 0 after training: (bundle folder, steps, last validation)
 
 
+# model settings a fine-tuning run may change: how it samples, trains or updates its codebook, not the network
+FINE_TUNABLE = frozenset({"default_steps", "default_guidance", "condition_dropout",
+                          "commitment_cost", "decay", "dead_code_threshold"})
+
+
+def init_from_bundle(model: torch.nn.Module, bundle: str | Path, component: str) -> dict:
+    """Copy the ``component`` weights of ``bundle`` (``autoencoder`` or ``prior``) into ``model``, a new
+    network of the run's configuration, so that a run fine-tunes them instead of starting from a random
+    initialisation; returns what was loaded (for the provenance). Raises ``ConfigError`` naming what
+    differs when the two are not the same network (configuration, other than :data:`FINE_TUNABLE`, or
+    a tensor's shape: e.g. another latent shape or condition width)."""
+    from synthbrain.bundle import load_bundle, read_config
+    from synthbrain.errors import BundleError
+
+    src = getattr(load_bundle(bundle, components=(component,)), component)
+    if src is None:
+        raise BundleError(f"{bundle}: no {component} to start from (train one, or leave out --init-from)")
+    ours, theirs = model.config.to_dict(), src.config.to_dict()
+    diff = sorted(k for k in (ours.keys() | theirs.keys()) - FINE_TUNABLE if ours.get(k) != theirs.get(k))
+    if diff:
+        what = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff)
+        raise ConfigError(f"--init-from {bundle}: its {component} is another network ({what}); "
+                          "train with the same model configuration")
+    theirs_sd, ours_sd = src.state_dict(), model.state_dict()
+    for k, v in ours_sd.items():
+        if k not in theirs_sd or theirs_sd[k].shape != v.shape:
+            there = tuple(theirs_sd[k].shape) if k in theirs_sd else "missing"
+            raise ConfigError(f"--init-from {bundle}: its {component} does not fit this run's data "
+                              f"({k}: {there} there, {tuple(v.shape)} here: another latent shape, grid "
+                              "or set of conditions)")
+    model.load_state_dict(theirs_sd)
+    cfg = read_config(bundle)[component]
+    return {"bundle": str(Path(bundle).resolve().name), "sha256": cfg.get("sha256", ""),
+            "steps_trained": cfg.get("steps_trained")}
+
+
 def run_stage(cls, out: str | Path, setup: Callable[[Run], StageSetup], *, steps: int | None = None,
               resume: bool = False, config_file: Path | None = None, device: str | None = None,
               on_step: OnStep | None = None, on_validate: OnValidate | None = None,

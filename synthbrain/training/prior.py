@@ -18,7 +18,7 @@ import torch
 from synthbrain.models.prior import Prior, PriorConfig
 from synthbrain.training.config import TrainConfig, config_sections
 from synthbrain.training.distributed import DistContext, step_generator, unwrap
-from synthbrain.training.loop import OnValidate, Run, StageSetup, run_stage
+from synthbrain.training.loop import OnValidate, Run, StageSetup, init_from_bundle, run_stage
 from synthbrain.training.run import command_line, run_commands
 
 OnStep = Callable[[int, int, dict], None]
@@ -144,17 +144,21 @@ def cached_latents(run_dir: Path, autoencoder, dataset, device, sha: str, on_ste
 def train_prior(bundle: str | Path, data: str | Path, out: str | Path, steps: int | None = None,
                 resume: bool = False, config_file: Path | None = None, device: str | None = None,
                 on_step: OnStep | None = None, extra_conditions: Sequence[str] = (),
-                on_validate: OnValidate | None = None, schema_file: str | Path | None = None) -> Path:
-    """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``."""
+                on_validate: OnValidate | None = None, schema_file: str | Path | None = None,
+                init_from: str | Path | None = None) -> Path:
+    """Train the prior on ``data`` with the autoencoder of ``bundle``; returns ``out/bundle``.
+    ``init_from``: a bundle whose prior (same network configuration and conditions) the run starts
+    from instead of a random initialisation (fine-tuning on a changed cohort); a resumed run goes on
+    from its own checkpoint."""
     def setup(run: Run) -> StageSetup:
-        return _prior_setup(run, bundle, data, extra_conditions, schema_file)
+        return _prior_setup(run, bundle, data, extra_conditions, schema_file, init_from)
 
     return run_stage(PriorTraining, out, setup, steps=steps, resume=resume, config_file=config_file,
                      device=device, on_step=on_step, on_validate=on_validate)
 
 
 def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_conditions: Sequence[str],
-                 schema_file: str | Path | None) -> StageSetup:
+                 schema_file: str | Path | None, init_from: str | Path | None = None) -> StageSetup:
     from synthbrain.bundle import copy_bundle, export_stage, load_bundle, read_config
     from synthbrain.data.bids import BIDSDataset, schema_for_dataset, split_subjects
     from synthbrain.population import PopulationModel
@@ -168,6 +172,7 @@ def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_condition
     tr = torch.tensor([index[s] for s in train_ids])
     sha = src.config["autoencoder"].get("sha256", "")
     stage = scale = None
+    init_info: dict = {}
 
     def prepare() -> None:
         full.prepare()
@@ -180,6 +185,8 @@ def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_condition
         va = torch.tensor([index[s] for s in val_ids], dtype=torch.long)
         scale = 1.0 / float(latents[tr].std())
         prior = Prior(cfg.model, latent_shape=tuple(latents.shape[1:]), condition_width=schema.width)
+        if init_from is not None:
+            init_info.update(init_from_bundle(prior, init_from, "prior"))
         stage = PriorStage(prior, cfg, scale, run.device, run.dist)
         val_batches = [(latents[va[i:i + 16]], conds[va[i:i + 16]]) for i in range(0, len(va), 16)]
         return stage, lambda idx: (latents[tr[idx]], conds[tr[idx]]), len(tr), val_batches
@@ -196,6 +203,8 @@ def _prior_setup(run: Run, bundle: str | Path, data: str | Path, extra_condition
             "data_fingerprint": full.fingerprint(), "val_subjects": val_ids,
             "weights": "exponential moving average",
         }
+        if init_info:
+            config["prior"]["initialised_from"] = init_info
         export_stage(out_bundle, "prior", unwrap(stage.ema.module), config, run.dir, val, steps_trained)
 
     info = {"stage": "prior", "bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),

@@ -2,11 +2,12 @@
 decimated to a triangle budget, written as MZ3 (the compact mesh format NiiVue reads).
 
 The surfaces follow the definitions ``synthbrain.measure`` uses, so what a user sees in 3D is what
-was measured: each voxel's CSF fraction comes from a two-compartment partial-volume model between
-the CSF and grey-matter intensities; the ventricles are the CSF inside the template's ventricle
-region (scaled to the head), and the brain is everything in the head mask that is not sulcal CSF
-(ventricles included, so the brain surface is the outer surface only). Surfaces are the 0.5 level
-of these fractions, so the volume a closed surface encloses is close to the measured volume.
+was measured: the ventricles are the measured lateral + third ventricles (connected pieces of
+voxels darker than the ventricle level, inside the template's ventricles scaled to the head, never
+the interhemispheric fissure), and the brain is each voxel's tissue fraction (a two-compartment
+partial-volume model between the CSF and grey-matter intensities) in the measured brain, with the
+ventricles it encloses (so the brain surface is the outer surface only). Surfaces are the 0.5 level
+of these maps, so the volume a closed surface encloses is close to the measured volume.
 
 Vertices are in world mm (RAS+, MNI), the space of the volume's affine, so the meshes line up with
 the volume in any viewer.
@@ -57,8 +58,8 @@ class Mesh:
 
 @dataclass(frozen=True, eq=False)
 class TissueFractions:
-    """Per-voxel fractions on ``grid``: ``brain`` (tissue + ventricles, the brain's outer volume)
-    and ``ventricles`` (ventricular CSF), both (X, Y, Z) float32 in [0, 1]."""
+    """Per-voxel maps on ``grid``: ``brain`` (tissue fraction + ventricles, the brain's outer volume)
+    and ``ventricles`` (1 in the measured ventricles), both (X, Y, Z) float32 in [0, 1]."""
 
     grid: Grid
     brain: np.ndarray
@@ -88,7 +89,7 @@ def tissue_fractions(volume: Volume, grid: Grid | None = None) -> TissueFraction
 
     seg = segment(volume, grid)
     # the brain's outer volume: tissue plus the ventricles it encloses (sulcal CSF stays outside)
-    return TissueFractions(seg.grid, seg.brain + seg.ventricles, seg.ventricles)
+    return TissueFractions(seg.grid, np.minimum(seg.brain + seg.ventricles, 1.0), seg.ventricles)
 
 
 def isosurface(field: np.ndarray, affine: np.ndarray, level: float, *, name: str,

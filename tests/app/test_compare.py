@@ -72,6 +72,26 @@ def test_template_reconstruction(bundle):
     at.slider(key="cmp_opacity").set_value(0.5).run()
     assert at.slider(key="cmp_threshold").value == 0.0
 
+    # the volumes measured on the scan and on its reconstruction, and the voxels counted as overlays
+    from synthbrain.measure import measure_volume
+
+    rows = frame(at.table[2].value)
+    assert rows["Volume"][1].startswith("Ventricles (lateral + third)")
+    for col, vol in (("Original (mL)", result.recon.original), ("Reconstruction (mL)", result.recon.reconstruction)):
+        m = measure_volume(vol, bundle.grid)
+        assert float(rows[col][0]) == pytest.approx(m.brain_volume, abs=0.06)
+        assert float(rows[col][1]) == pytest.approx(m.ventricular_volume, abs=0.06)
+    assert float(rows["Difference (mL)"][1]) == pytest.approx(float(rows["Reconstruction (mL)"][1])
+                                                              - float(rows["Original (mL)"][1]), abs=0.11)
+    at.toggle(key="cmp_masks").set_value(True).run()
+    original, recon = viewer_calls(at)[0].panels
+    assert [layer["label"] for layer in original["layers"][1:]] == ["brain (measured)", "ventricles (measured)"]
+    assert [layer["label"] for layer in recon["layers"][2:]] == ["brain (measured)", "ventricles (measured)"]
+    from synthbrain.measure import segment
+
+    vent = nifti_array(viewer_calls(at)[0].volume(0, 2)) > 0.5
+    np.testing.assert_array_equal(vent, segment(result.recon.original, bundle.grid).ventricle_mask)
+
 
 def test_phantom_subject_is_labelled_as_phantom(bundle):
     at = open_page("compare")
