@@ -293,13 +293,19 @@ def save_weights(path: Path, component: str, model, config: dict) -> str:
     """Write ``<component>.safetensors`` (the network's own tensors, the config in the metadata);
     returns its sha256. The bundle *is* these weights: every figure in metrics.json is measured on a
     model loaded from them."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return _write_weights(path, component, state, config, WEIGHTS_DTYPE)
+
+
+def _write_weights(path: Path, component: str, state: dict, config: dict, dtype: str) -> str:
+    """``state`` to ``<component>.safetensors`` atomically, with the network ``config`` and ``dtype`` in
+    its metadata; returns the file's sha256."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{component}.safetensors.tmp"
     # one metadata entry: safetensors keeps metadata in a hash map, so with several keys their order,
     # and the file's checksum, would change from one save to the next
-    meta = json.dumps({"component": component, "config": config, "dtype": WEIGHTS_DTYPE}, sort_keys=True)
+    meta = json.dumps({"component": component, "config": config, "dtype": dtype}, sort_keys=True)
     try:
         save_file(state, str(tmp), metadata={"synthbrain": meta})
         with open(tmp, "rb") as f:
@@ -318,28 +324,13 @@ def cast_weights(bundle_dir: str | Path, component: str, dtype: str = "float16")
     sha256; returns it. The network loads them cast back to float32, so its outputs change by the
     rounding: measure the bundle again afterwards (``synthbrain evaluate``)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     bundle_dir = Path(bundle_dir)
-    f = bundle_dir / f"{component}.safetensors"
     config = read_config(bundle_dir)
-    _load_weights(bundle_dir, component, config)  # present and checksummed
     target = getattr(torch, dtype)
-    with safe_open(str(f), "pt") as g:
-        meta = json.loads(g.metadata()["synthbrain"])
-        state = {}
-        for k in g.keys():  # noqa: SIM118 (a safetensors file handle, not a dict)
-            t = g.get_tensor(k)
-            state[k] = t.to(target) if t.is_floating_point() else t
-    meta["dtype"] = dtype
-    tmp = bundle_dir / f".{component}.safetensors.tmp"
-    try:
-        save_file(state, str(tmp), metadata={"synthbrain": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, f)
-    finally:
-        tmp.unlink(missing_ok=True)
-    config[component]["sha256"] = sha256_file(f)
+    state = {k: t.to(target) if t.is_floating_point() else t
+             for k, t in _load_weights(bundle_dir, component, config).items()}  # present and checksummed
+    config[component]["sha256"] = _write_weights(bundle_dir, component, state, config[component]["config"], dtype)
     config[component]["weights_dtype"] = dtype
     write_config(bundle_dir, config)
     return config[component]["sha256"]
